@@ -1,0 +1,183 @@
+"""The ``raypipe`` command: one subcommand per job. Configs are validated before Ray starts."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, load_config
+from .data import DataError
+from .engine import CheckpointError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (e.g. experiments/configs/demo.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. teacher.epochs=5")
+
+
+def _load(args, extra: list[str] | None = None):
+    overrides = list(extra or [])
+    if getattr(args, "data", None):
+        overrides.insert(0, f"data.root={args.data}")
+    return load_config(args.config, overrides + list(args.overrides))
+
+
+def cmd_demo_data(args) -> None:
+    from .demo import make_demo_data
+    counts = make_demo_data(args.out, {"train": args.train, "val": args.val, "test": args.test},
+                            size=args.size, seed=args.seed)
+    print(f"wrote demo data to {args.out}: {counts}")
+
+
+def cmd_to_parquet(args) -> None:
+    from .data import folder_to_parquet
+    counts = folder_to_parquet(args.src, args.dst)
+    print(f"wrote Parquet to {args.dst}: {counts}")
+
+
+def cmd_check_data(args) -> None:
+    from .data import scan_dataset
+    cfg = _load(args)
+    index = scan_dataset(cfg.data, ("train", "val", "test"))
+    for name, split in index.items():
+        print(f"{name:5s} {len(split):7d} images  {len(split.classes)} classes  labelled={split.labelled}")
+
+
+def cmd_config(args) -> None:
+    cfg = _load(args)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+
+
+def cmd_pretrain(args) -> None:
+    from .teacher import pretrain
+    cfg = _load(args, [f"name={args.name}"] if args.name else None)
+    final = pretrain(cfg)
+    print(json.dumps({k: final[k] for k in ("epochs", "loss", "knn_top1", "best_knn_top1", "teacher",
+                                            "skipped_images") if k in final}, indent=2))
+
+
+def cmd_distill(args) -> None:
+    from .student import train_student
+    extra = [f"student.mode={args.mode}"] + ([f"name={args.name}"] if args.name else [])
+    cfg = _load(args, extra)
+    final = train_student(cfg, args.teacher)
+    print(json.dumps({k: final[k] for k in ("phase", "epochs", "val_top1", "best_val_top1", "model",
+                                            "skipped_images") if k in final}, indent=2))
+
+
+def cmd_linear_probe(args) -> None:
+    from .evaluate import probe_teacher
+    cfg = _load(args)
+    scores = probe_teacher(cfg.data, args.teacher, tuple(args.split), epochs=args.epochs, lr=args.lr)
+    print(json.dumps(scores, indent=2))
+
+
+def cmd_evaluate(args) -> None:
+    from .evaluate import evaluate_models
+    cfg = _load(args)
+    report = evaluate_models(cfg.data, args.split, args.model, ten_crop=args.ten_crop, weights=args.weights,
+                             out_dir=args.out, submission=args.submission)
+    short = {k: report[k] for k in ("split", "views", "n_images", "top1", "top5", "submission") if k in report}
+    print(json.dumps(short, indent=2))
+    print(f"report: {Path(args.out) / 'report.json'}")
+
+
+def cmd_results(args) -> None:
+    from .results import show_results
+    show_results(args.experiment, args.out)
+
+
+def cmd_tune(args) -> None:
+    from .tune import main as tune_main
+    tune_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raypipe", description="Distilling visual priors from self-supervised "
+                                "learning (MoCo v2 + margin, OFD self-distillation) on Ray.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("demo-data", help="write the embedded demo data set (ImageFolder, seconds)")
+    s.add_argument("out")
+    s.add_argument("--train", type=int, default=50, help="images per class")
+    s.add_argument("--val", type=int, default=20)
+    s.add_argument("--test", type=int, default=20)
+    s.add_argument("--size", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_demo_data)
+
+    s = sub.add_parser("data", help="data utilities: to-parquet, check")
+    dsub = s.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    d = dsub.add_parser("to-parquet", help="convert an image folder to Parquet (image bytes + label + path)")
+    d.add_argument("src")
+    d.add_argument("dst")
+    d.set_defaults(fn=cmd_to_parquet)
+    d = dsub.add_parser("check", help="index a data set and report its splits (no Ray)")
+    d.add_argument("data")
+    _config_args(d)
+    d.set_defaults(fn=cmd_check_data)
+
+    s = sub.add_parser("config", help="print the resolved, validated config")
+    _config_args(s)
+    s.set_defaults(fn=cmd_config, data=None)
+
+    s = sub.add_parser("pretrain", help="phase 1: MoCo v2 teacher with the margin loss")
+    s.add_argument("data")
+    s.add_argument("--name", help="run name (folder under output_dir); re-running it resumes")
+    _config_args(s)
+    s.set_defaults(fn=cmd_pretrain)
+
+    s = sub.add_parser("distill", help="phase 2: OFD student (or the supervised / fine-tune baselines)")
+    s.add_argument("data")
+    s.add_argument("--teacher", help="teacher.pt from `raypipe pretrain` (not needed for --mode supervised)")
+    s.add_argument("--mode", choices=("distill", "finetune", "supervised"), default="distill")
+    s.add_argument("--name")
+    _config_args(s)
+    s.set_defaults(fn=cmd_distill)
+
+    s = sub.add_parser("linear-probe", help="linear classifier on a frozen teacher (MoCo protocol)")
+    s.add_argument("data")
+    s.add_argument("--teacher", required=True)
+    s.add_argument("--split", nargs="+", default=["val"], choices=("val", "test"))
+    s.add_argument("--epochs", type=int, default=100)
+    s.add_argument("--lr", type=float, default=30.0)
+    _config_args(s)
+    s.set_defaults(fn=cmd_linear_probe)
+
+    s = sub.add_parser("evaluate", help="evaluate a model or an ensemble, optionally with 10-crop")
+    s.add_argument("data")
+    s.add_argument("--split", default="val", help="val, test or a folder name under DATA")
+    s.add_argument("--model", action="append", required=True, help="classifier .pt (repeat for an ensemble)")
+    s.add_argument("--weights", type=float, nargs="+", help="ensemble weights, one per --model")
+    s.add_argument("--ten-crop", action="store_true")
+    s.add_argument("--out", default="eval", help="folder for report.json and confusion.png")
+    s.add_argument("--submission", help="write the VIPriors CSV (Image IDs,Predictions) here")
+    _config_args(s)
+    s.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("results", help="leaderboards, best configs and plots of a tune_margin experiment")
+    s.add_argument("experiment")
+    s.add_argument("--out", help="folder for the PNG plots (default EXPERIMENT/plots)")
+    s.set_defaults(fn=cmd_results)
+
+    s = sub.add_parser("tune", help="the main job (same as experiments/tune_margin.py)", add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_tune)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:
+        print(f"raypipe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""One typed config for every phase: YAML -> dataclasses -> validated -> plain dict.
+
+The plain nested dict (``Config.to_dict()``) is what Ray Train gets as
+``train_loop_config`` and what Tune's ``param_space`` is built from; ``Config.from_dict``
+turns it back into a validated config inside workers and trial drivers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, of the wrong type or out of range."""
+
+
+def opt(default, *, lo=None, hi=None, choices=None, lo_open=False, doc=""):
+    """A config field with its allowed range or choices (checked by ``validate``)."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "lo_open": lo_open, "doc": doc}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d", "resnext101_32x8d")
+AUTOAUGMENT = ("none", "imagenet", "cifar10", "svhn")
+
+
+@dataclass
+class DataConfig:
+    root: str = opt("", doc="data set root (folder layout) or folder of Parquet files")
+    train_split: str = opt("train")
+    val_split: str = opt("val")
+    test_split: str = opt("test")
+    resolution: int = opt(64, lo=8, hi=1024, doc="training/eval crop size in pixels")
+    decode_size: int = opt(0, lo=0, hi=2048, doc="stored square size after decode; 0 = 8/7 x resolution")
+    per_class: int = opt(0, lo=0, doc="keep N images per class of the train split (0 = all)")
+    subsample_seed: int = opt(0, lo=0)
+    strict: bool = opt(False, doc="raise on unreadable images instead of skipping them")
+    cpus_per_task: float = opt(0.25, lo=0.01, hi=64, doc="CPUs each Ray Data decode/augment task asks for")
+    aug_batch_size: int = opt(64, lo=1, doc="images per Ray Data augmentation batch")
+    shuffle_buffer: int = opt(1024, lo=0, doc="local shuffle buffer (rows) when iterating train batches")
+
+    def stored_size(self) -> int:
+        return self.decode_size or int(round(self.resolution * 8 / 7))
+
+
+@dataclass
+class ResourcesConfig:
+    num_workers: int = opt(1, lo=0, doc="Ray Train workers; 0 = Train local mode (in-process)")
+    use_gpu: str = opt("auto", choices=("auto", "true", "false"))
+    cpus_per_worker: float = opt(1.0, lo=0.01)
+    gpus_per_worker: float = opt(1.0, lo=0.0)
+    amp: str = opt("auto", choices=("auto", "bf16", "fp16", "off"), doc="mixed precision on GPU")
+    channels_last: bool = opt(True, doc="channels_last memory format on GPU")
+    max_failures: int = opt(0, lo=-1, doc="Ray Train FailureConfig.max_failures (-1 = forever)")
+    checkpoint_every: int = opt(1, lo=1, doc="checkpoint every N epochs (and always at the end)")
+    keep_checkpoints: int = opt(2, lo=1)
+    storage_path: str = opt("", doc="folder or s3:// / gs:// URI for Train/Tune outputs (default: run dir)")
+    placement_strategy: str = opt("PACK", choices=("PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"),
+                                  doc="how Train workers are placed on nodes")
+
+
+@dataclass
+class OptimConfig:
+    """Fields every phase trains with (one place, both phases inherit it)."""
+
+    backbone: str = opt("resnet18", choices=BACKBONES)
+    small_stem: bool = opt(True, doc="3x3 stride-1 stem, no max-pool: for 32-64 px inputs")
+    epochs: int = opt(10, lo=1)
+    batch_size: int = opt(64, lo=1, doc="per worker")
+    lr: float = opt(0.03, lo=0.0, lo_open=True, doc="for a global batch of 256 (scaled linearly)")
+    momentum: float = opt(0.9, lo=0.0, hi=1.0)
+    weight_decay: float = opt(1e-4, lo=0.0)
+    nesterov: bool = opt(False)
+    schedule: str = opt("cosine", choices=("cosine", "step", "constant"))
+    step_epochs: int = opt(30, lo=1, doc="step schedule: decay every N epochs")
+    step_gamma: float = opt(0.1, lo=0.0, hi=1.0, lo_open=True)
+    warmup_epochs: int = opt(0, lo=0)
+    grad_clip: float = opt(0.0, lo=0.0, doc="max grad norm; 0 = off")
+    seed: int = opt(0, lo=0)
+
+
+@dataclass
+class TeacherConfig(OptimConfig):
+    """Phase 1: MoCo v2 with the margin loss."""
+
+    epochs: int = opt(200, lo=1)
+    lr: float = opt(0.03, lo=0.0, lo_open=True)
+    margin: float = opt(0.4, lo=0.0, hi=2.0, doc="subtracted from the positive logit")
+    temperature: float = opt(0.2, lo=0.0, hi=10.0, lo_open=True)
+    queue_size: int = opt(4096, lo=1, doc="K; a multiple of the global batch, <= train images")
+    key_momentum: float = opt(0.999, lo=0.0, hi=1.0)
+    proj_hidden: int = opt(2048, lo=1)
+    proj_dim: int = opt(128, lo=1)
+    bn_splits: int = opt(8, lo=1, doc="single worker: key-encoder BN over this many shuffled chunks")
+    knn_k: int = opt(200, lo=1)
+    knn_t: float = opt(0.1, lo=0.0, lo_open=True)
+    knn_every: int = opt(1, lo=1, doc="k-NN monitor every N epochs (and the last)")
+
+
+@dataclass
+class StudentConfig(OptimConfig):
+    """Phase 2: OFD self-distillation (or its supervised / fine-tune baselines)."""
+
+    mode: str = opt("distill", choices=("distill", "finetune", "supervised"))
+    epochs: int = opt(100, lo=1)
+    lr: float = opt(0.1, lo=0.0, lo_open=True)
+    nesterov: bool = opt(True)
+    schedule: str = opt("step", choices=("cosine", "step", "constant"))
+    distill_weight: float = opt(1e-4, lo=0.0, doc="lambda in CE + lambda * distill")
+    ce_only_epochs: int = opt(4, lo=0, doc="epochs of CE only before distillation starts")
+    teacher_bn_train: bool = opt(True, doc="frozen teacher's BN in train mode (paper code) or eval")
+    label_smoothing: float = opt(0.0, lo=0.0, hi=1.0)
+    autoaugment: str = opt("none", choices=AUTOAUGMENT)
+    crop_min_scale: float = opt(0.08, lo=0.0, hi=1.0, lo_open=True)
+    mixup_alpha: float = opt(0.0, lo=0.0, doc="mixup Beta(alpha, alpha); 0 = off")
+
+
+@dataclass
+class TuneConfig:
+    """The main job (experiments/tune_margin.py): search spaces, budgets and final models."""
+
+    experiment: str = opt("tune_margin", doc="experiment folder name; re-running it resumes")
+    storage: str = opt("runs", doc="local folder or s3:// / gs:// URI for all Tune and Train outputs")
+    teacher_trials: int = opt(8, lo=1)
+    student_trials: int = opt(6, lo=1)
+    max_concurrent_trials: int = opt(0, lo=0, doc="0 = from the cluster's resources")
+    driver_cpus: float = opt(0.01, lo=0.001, hi=1.0, doc="CPU held by each trial's driver")
+    grace_period: int = opt(2, lo=1, doc="ASHA: epochs before a trial can be stopped")
+    reduction_factor: int = opt(2, lo=2)
+    asha_max_t: int = opt(0, lo=0, doc="ASHA max epochs per trial; 0 = the phase's epochs")
+    seed: int = opt(0, lo=0, doc="Optuna TPE sampler seed")
+    margin_range: list[float] = opt([0.0, 0.8])
+    temperature_range: list[float] = opt([0.07, 0.5])
+    queue_sizes: list[int] = opt([],
+                                 doc="candidates for K; [] = multiples of the global batch the data can fill")
+    lr_range: list[float] = opt([],
+                                doc="[lo, hi] to search teacher.lr log-uniformly; [] = fixed")
+    distill_weight_range: list[float] = opt([1e-5, 1e-3])
+    ce_only_range: list[int] = opt([],
+                                   doc="[lo, hi] to search student.ce_only_epochs; [] = fixed")
+    student_lr_range: list[float] = opt([])
+    final_members: int = opt(2, lo=1, doc="ensemble members (distilled students) in stage 3")
+    final_seeds: list[int] = opt([], doc="[] = 0..members-1")
+    final_backbones: list[str] = opt([],
+                                     doc="per member; [] = the teacher's backbone")
+    final_train_split: str = opt("", doc="stage-3 train split, e.g. train+val; '' = data.train_split")
+    retrain_teacher_epochs: int = opt(0, lo=0, doc="stage 3: retrain the best teacher this long (0 = reuse)")
+    eval_gpus: float = opt(0.0, lo=0.0, doc="GPUs for the test evaluation task (0 = auto)")
+
+
+@dataclass
+class Config:
+    name: str = opt("run", doc="run name: the run folder; re-running a name resumes it")
+    output_dir: str = opt("runs", doc="where run folders are created")
+    data: DataConfig = field(default_factory=DataConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    # ---- conversions -------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict | None) -> "Config":
+        cfg = _build(cls, raw or {}, prefix="")
+        validate(cfg)
+        return cfg
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "Config":
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            set_dotted(raw, key, value)
+        return Config.from_dict(raw)
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ---- loading --------------------------------------------------------------------
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["teacher.margin=0.3", "data.strict=true"]`` -> dict with YAML-typed values."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. teacher.margin=0.3)")
+        key, text = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+    return out
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"unknown config key {key!r}: {where!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """YAML file (optional) + dotted overrides -> validated Config. No Ray is touched."""
+    raw: dict = Config().to_dict()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        _merge(raw, loaded, prefix="", source=str(path))
+    if overrides:
+        items = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+        for key, value in items.items():
+            set_dotted(raw, key, value)
+    return Config.from_dict(raw)
+
+
+def _merge(base: dict, update: dict, prefix: str, source: str) -> None:
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(f"{source}: unknown config key {dotted!r}; allowed: {sorted(base)}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {dotted!r} must be a mapping")
+            _merge(base[key], value, prefix=f"{dotted}.", source=source)
+        else:
+            base[key] = value
+
+
+def _build(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'!r} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; allowed in "
+                          f"{prefix.rstrip('.') or 'top level'}: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        hint, value, key = hints[f.name], raw[f.name], prefix + f.name
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, value, key + ".")
+        else:
+            kwargs[f.name] = _coerce(key, hint, value)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, hint, value):
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"config key {key!r} must be of type {hint.__name__}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Range/choice checks on every field, then the cross-field rules."""
+    _check_fields(cfg, prefix="")
+    t, r = cfg.teacher, cfg.resources
+    global_batch = t.batch_size * max(1, r.num_workers)
+    if t.queue_size % global_batch:
+        raise ConfigError(
+            f"teacher.queue_size={t.queue_size} must be a multiple of the global batch "
+            f"(teacher.batch_size {t.batch_size} x resources.num_workers {max(1, r.num_workers)} "
+            f"= {global_batch}); e.g. {max(1, t.queue_size // global_batch) * global_batch}")
+    if t.warmup_epochs >= t.epochs and t.warmup_epochs:
+        raise ConfigError(f"teacher.warmup_epochs={t.warmup_epochs} must be < teacher.epochs={t.epochs}")
+    if cfg.student.warmup_epochs >= cfg.student.epochs and cfg.student.warmup_epochs:
+        raise ConfigError(f"student.warmup_epochs={cfg.student.warmup_epochs} must be < "
+                          f"student.epochs={cfg.student.epochs}")
+    if "/" in cfg.name or not cfg.name:
+        raise ConfigError(f"name={cfg.name!r} must be a non-empty folder name without '/'")
+
+
+def _check_fields(node, prefix: str) -> None:
+    for f in dataclasses.fields(node):
+        value, key, meta = getattr(node, f.name), prefix + f.name, f.metadata
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, key + ".")
+            continue
+        choices, lo, hi = meta.get("choices"), meta.get("lo"), meta.get("hi")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"config key {key!r} = {value!r} is not allowed; choose one of {list(choices)}")
+        if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+            bound = f"> {lo}" if meta.get("lo_open") else f">= {lo}"
+            raise ConfigError(f"config key {key!r} = {value!r} is out of range; allowed: {bound}"
+                              + (f" and <= {hi}" if hi is not None else ""))
+        if hi is not None and value > hi:
+            raise ConfigError(f"config key {key!r} = {value!r} is out of range; allowed: <= {hi}")
+
+
+def describe() -> list[tuple[str, Any, str]]:
+    """(dotted key, default, doc) for every field: used by ``raypipe config --help``."""
+    rows = []
+
+    def walk(node, prefix):
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, prefix + f.name + ".")
+            else:
+                rows.append((prefix + f.name, value, f.metadata.get("doc", "")))
+
+    walk(Config(), "")
+    return rows

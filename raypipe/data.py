@@ -1,0 +1,403 @@
+"""The one data pipeline: sources -> robust decode (once) -> Ray Data augmentation (every epoch).
+
+Layouts read:
+  * ImageFolder: ``root/<split>/<class>/<image>``
+  * VIPriors:    ``train/`` and ``val/`` as above, ``test/imgs/<id>.jpg`` unlabelled
+  * Parquet:     ``root/<split>.parquet`` or ``root/<split>/*.parquet`` with columns
+                 ``image`` (encoded bytes), ``label`` (class name), ``path`` (an id)
+Class index = position in the sorted class names (torchvision ImageFolder / VIPriors CSV).
+
+Images are decoded, converted to RGB and resized to a square ``stored_size`` once, then
+materialised in Ray's object store; augmentation runs after that in ``map_batches`` so
+every epoch sees fresh random views without decoding again. Augmented views leave the CPU
+workers as uint8 (4x less traffic than float); ``normalize`` makes them floats on the
+training device.
+"""
+from __future__ import annotations
+
+import io
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+from .config import DataConfig
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey image
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif"}
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+UNLABELLED = -1
+
+
+class DataError(ValueError):
+    """The data set's layout is unusable (missing path, empty split, class mismatch...)."""
+
+
+# ---- sources ----------------------------------------------------------------------
+@dataclass
+class SplitIndex:
+    """The files of one split as found on disk (no pixels read yet)."""
+
+    split: str
+    classes: list[str]
+    paths: list[str]            # file paths (folder) or ids (Parquet)
+    labels: list[int]           # class index, or UNLABELLED
+    parquet_files: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.labels) and self.labels[0] != UNLABELLED
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def _parquet_files(root: Path, split: str) -> list[Path]:
+    single = root / f"{split}.parquet"
+    if single.is_file():
+        return [single]
+    folder = root / split
+    return sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+
+
+def scan_split(root: str | Path, split: str, classes: list[str] | None = None) -> SplitIndex:
+    """Index one split of a folder or Parquet data set, with clear errors for bad layouts."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data root does not exist: {root}")
+    files = _parquet_files(root, split)
+    if files:
+        return _scan_parquet(split, files, classes)
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DataError(f"split {split!r} not found: expected folder {split_dir} "
+                        f"or Parquet {root / (split + '.parquet')}")
+    vipriors_test = split_dir / "imgs"
+    if vipriors_test.is_dir() and not any(p.is_dir() for p in split_dir.iterdir() if p != vipriors_test):
+        paths = sorted(str(p) for p in vipriors_test.iterdir() if _is_image(p))
+        if not paths:
+            raise DataError(f"split {split!r} is empty: no images in {vipriors_test}")
+        return SplitIndex(split, list(classes or []), paths, [UNLABELLED] * len(paths))
+    class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"split {split!r} is empty: no class folders in {split_dir}")
+    found = [p.name for p in class_dirs]
+    empty = [p.name for p in class_dirs if not any(_is_image(f) for f in p.iterdir())]
+    if empty:
+        raise DataError(f"split {split!r} has class folders without images: {empty} (in {split_dir})")
+    names = _check_classes(split, found, classes)
+    paths, labels = [], []
+    for d in class_dirs:
+        for f in sorted(d.iterdir()):
+            if _is_image(f):
+                paths.append(str(f))
+                labels.append(names.index(d.name))
+    return SplitIndex(split, names, paths, labels)
+
+
+def _check_classes(split: str, found: list[str], expected: list[str] | None) -> list[str]:
+    if expected is None:
+        return sorted(found)
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or extra:
+        raise DataError(f"classes of split {split!r} differ from the train split: "
+                        f"missing {missing}, unexpected {extra}")
+    return list(expected)
+
+
+def _scan_parquet(split: str, files: list[Path], classes: list[str] | None) -> SplitIndex:
+    import pyarrow.parquet as pq
+
+    paths, names = [], []
+    for f in files:
+        cols = pq.read_schema(f).names
+        need = [c for c in ("image", "path") if c not in cols]
+        if need:
+            raise DataError(f"{f}: Parquet file lacks column(s) {need}; has {cols}")
+        table = pq.read_table(f, columns=[c for c in ("path", "label") if c in cols])
+        paths += table.column("path").to_pylist()
+        names += table.column("label").to_pylist() if "label" in cols else [None] * table.num_rows
+    if not paths:
+        raise DataError(f"split {split!r} is empty: Parquet file(s) {[str(f) for f in files]} have no rows")
+    if names[0] is None:
+        return SplitIndex(split, list(classes or []), paths, [UNLABELLED] * len(paths),
+                          [str(f) for f in files])
+    class_names = _check_classes(split, sorted(set(names)), classes)
+    labels = [class_names.index(n) for n in names]
+    return SplitIndex(split, class_names, paths, labels, [str(f) for f in files])
+
+
+def subsample(index: SplitIndex, per_class: int, seed: int) -> SplitIndex:
+    """Keep ``per_class`` images of every class, chosen deterministically from ``seed``."""
+    if per_class <= 0 or not index.labelled:
+        return index
+    rng = random.Random(seed)
+    keep: list[int] = []
+    for c in range(len(index.classes)):
+        members = [i for i, y in enumerate(index.labels) if y == c]
+        keep += sorted(rng.sample(members, min(per_class, len(members))))
+    keep.sort()
+    return SplitIndex(index.split, index.classes, [index.paths[i] for i in keep],
+                      [index.labels[i] for i in keep], index.parquet_files)
+
+
+def scan_dataset(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val")) -> dict[str, SplitIndex]:
+    """Index train (subsampled) and the other named splits; classes must agree with train."""
+    if not cfg.root:
+        raise DataError("data.root is not set: pass DATA on the command line or data.root=...")
+    names = {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}
+    train = subsample(scan_split(cfg.root, names["train"]), cfg.per_class, cfg.subsample_seed)
+    out = {"train": train}
+    for s in splits:
+        if s != "train":
+            out[s] = scan_split(cfg.root, names[s], classes=train.classes)
+    return out
+
+
+# ---- decoding ---------------------------------------------------------------------
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: EXIF orientation applied, alpha composited on white, 16-bit scaled."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 257.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 1.0
+        img = Image.fromarray(np.clip(arr / scale, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def decode_square(data: bytes, size: int) -> np.ndarray:
+    """Encoded bytes -> uint8 (size, size, 3): shorter side resized to ``size``, centre crop."""
+    with Image.open(io.BytesIO(data)) as img:
+        if img.format == "JPEG":
+            img.draft("RGB", (size, size))  # JPEG DCT scaling: big photos decode fast
+        img.load()
+        img = to_rgb(img)
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def _decode_batch(batch: dict, size: int) -> dict:
+    images, errors = [], []
+    for i, path in enumerate(batch["path"]):
+        try:
+            data = batch["image"][i] if "image" in batch else Path(path).read_bytes()
+            if not len(data):
+                raise ValueError("empty file (0 bytes)")
+            images.append(decode_square(bytes(data), size))
+            errors.append("")
+        except Exception as exc:  # any decode failure is reported with its path, never raised here
+            images.append(np.zeros((size, size, 3), np.uint8))
+            errors.append(f"{type(exc).__name__}: {exc}"[:300])
+    return {"img": np.stack(images), "label": np.asarray(batch["label"], np.int64),
+            "idx": np.asarray(batch["idx"], np.int64), "path": np.asarray(batch["path"], object),
+            "error": np.asarray(errors, object)}
+
+
+@dataclass
+class DecodedSplit:
+    """A split decoded once and held in Ray's object store, plus what was skipped."""
+
+    split: str
+    classes: list[str]
+    dataset: "object"           # ray.data.Dataset (materialised) with img/label/idx/path
+    count: int
+    skipped: list[dict]         # [{"path": ..., "error": ...}]
+
+
+def decode_split(index: SplitIndex, cfg: DataConfig) -> DecodedSplit:
+    """Read + decode + resize one split with Ray Data; bad images are skipped and listed."""
+    import ray.data
+
+    size, n = cfg.stored_size(), len(index)
+    blocks = max(1, min(64, n // 32))
+    if index.parquet_files:
+        wanted = {p: i for i, p in enumerate(index.paths)}
+        labels = index.labels
+
+        def attach(batch: dict) -> dict:
+            keep = [j for j, p in enumerate(batch["path"]) if p in wanted]
+            pos = [wanted[batch["path"][j]] for j in keep]
+            return {"image": [batch["image"][j] for j in keep], "path": [batch["path"][j] for j in keep],
+                    "label": [labels[i] for i in pos], "idx": pos}
+
+        ds = ray.data.read_parquet(index.parquet_files).select_columns(["image", "path"]).map_batches(
+            attach, batch_format="numpy", num_cpus=cfg.cpus_per_task)
+    else:
+        rows = [{"path": p, "label": y, "idx": i} for i, (p, y) in enumerate(zip(index.paths, index.labels))]
+        ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    decoded = ds.map_batches(_decode_batch, fn_kwargs={"size": size}, batch_format="numpy",
+                             batch_size=cfg.aug_batch_size, num_cpus=cfg.cpus_per_task).materialize()
+    from ray.data.expressions import col
+
+    bad = decoded.filter(expr=col("error") != "").select_columns(["path", "error"]).take_all()
+    skipped = [{"path": str(r["path"]), "error": str(r["error"])} for r in bad]
+    if skipped and cfg.strict:
+        raise DataError(f"{len(skipped)} unreadable image(s) in split {index.split!r} (data.strict=true), "
+                        f"first: {skipped[0]['path']}: {skipped[0]['error']}")
+    good = decoded.filter(expr=col("error") == "").drop_columns(["error"])
+    good = good.repartition(blocks).materialize()
+    count = good.count()
+    if count == 0:
+        raise DataError(f"split {index.split!r}: none of its {n} images could be decoded; "
+                        f"first error: {skipped[0]['path']}: {skipped[0]['error']}")
+    return DecodedSplit(index.split, index.classes, good, count, skipped)
+
+
+# ---- augmentation (torchvision v2) --------------------------------------------------
+def _blur_kernel(resolution: int) -> int:
+    return max(3, int(0.1 * resolution) // 2 * 2 + 1)
+
+
+def moco_view_transform(resolution: int):
+    """MoCo v2 "aug+" on a uint8 CHW tensor."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.RandomResizedCrop(resolution, scale=(0.2, 1.0), antialias=True),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.GaussianBlur(_blur_kernel(resolution), sigma=(0.1, 2.0))], p=0.5),
+        v2.RandomHorizontalFlip(),
+    ])
+
+
+def supervised_transform(resolution: int, autoaugment: str = "none", min_scale: float = 0.08):
+    from torchvision.transforms import v2
+
+    steps = [v2.RandomResizedCrop(resolution, scale=(min_scale, 1.0), antialias=True),
+             v2.RandomHorizontalFlip()]
+    if autoaugment != "none":
+        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy(autoaugment)))
+    return v2.Compose(steps)
+
+
+def center_crop(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as F
+
+    return F.center_crop(images, [resolution, resolution])
+
+
+def ten_crop(image: torch.Tensor, resolution: int) -> torch.Tensor:
+    """(C,H,W) -> (10,C,r,r): 4 corners + centre (tl, tr, bl, br, c), then the flip of each."""
+    from torchvision.transforms.v2 import functional as F
+
+    five = list(F.five_crop(image, [resolution, resolution]))
+    return torch.stack(five + [F.horizontal_flip(c) for c in five])
+
+
+def _fresh_rng() -> None:
+    # Ray Data reuses worker processes and forks them with equal RNG states: reseed from the OS
+    # so views differ across batches, workers and epochs.
+    torch.manual_seed(int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
+
+
+def _chw(batch_img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(batch_img, copy=True)).permute(0, 3, 1, 2)
+
+
+def augment_two_views(batch: dict, resolution: int) -> dict:
+    _fresh_rng()
+    t = moco_view_transform(resolution)
+    images = _chw(batch["img"])
+    v1 = torch.stack([t(im) for im in images])
+    v2_ = torch.stack([t(im) for im in images])
+    return {"view1": v1.numpy(), "view2": v2_.numpy(), "label": batch["label"], "idx": batch["idx"]}
+
+
+def augment_supervised(batch: dict, resolution: int, autoaugment: str, min_scale: float) -> dict:
+    _fresh_rng()
+    t = supervised_transform(resolution, autoaugment, min_scale)
+    images = _chw(batch["img"])
+    return {"image": torch.stack([t(im) for im in images]).numpy(), "label": batch["label"],
+            "idx": batch["idx"]}
+
+
+def eval_view(batch: dict, resolution: int) -> dict:
+    return {"image": center_crop(_chw(batch["img"]), resolution).numpy(), "label": batch["label"],
+            "idx": batch["idx"]}
+
+
+def eval_ten_crop(batch: dict, resolution: int) -> dict:
+    views = torch.stack([ten_crop(im, resolution) for im in _chw(batch["img"])])
+    return {"views": views.numpy(), "label": batch["label"], "idx": batch["idx"]}
+
+
+VIEWS: dict[str, Callable] = {
+    "moco": augment_two_views,
+    "supervised": augment_supervised,
+    "eval": eval_view,
+    "ten_crop": eval_ten_crop,
+}
+
+
+DETERMINISTIC_VIEWS = ("eval", "ten_crop")
+
+
+def with_view(decoded: DecodedSplit, view: str, cfg: DataConfig, shuffle: bool = False, **kwargs):
+    """The Ray Data dataset of one view over a decoded split (re-executed every epoch)."""
+    ds = decoded.dataset.randomize_block_order() if shuffle else decoded.dataset
+    ds = ds.map_batches(VIEWS[view], fn_kwargs={"resolution": cfg.resolution, **kwargs},
+                        batch_format="numpy", batch_size=cfg.aug_batch_size, num_cpus=cfg.cpus_per_task)
+    # Deterministic views are computed once; random ones re-run every epoch (fresh views).
+    return ds.materialize() if view in DETERMINISTIC_VIEWS else ds
+
+
+def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (N,3,H,W) on any device -> normalised float32."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
+    out = (images.float() - mean) / std
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+# ---- conversion -------------------------------------------------------------------
+def folder_to_parquet(src: str | Path, dst: str | Path, splits: tuple[str, ...] | None = None,
+                      rows_per_file: int = 5000) -> dict[str, int]:
+    """Write each split of an image folder as ``dst/<split>/part-*.parquet`` (bytes kept as-is)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise DataError(f"source folder does not exist: {src}")
+    names = splits or tuple(sorted(p.name for p in src.iterdir() if p.is_dir()))
+    if not names:
+        raise DataError(f"no split folders in {src}")
+    counts = {}
+    classes = scan_split(src, names[0]).classes if (src / names[0]).is_dir() else None
+    for split in names:
+        index = scan_split(src, split, classes=classes if split != names[0] and _labelled(src, split) else None)
+        out = dst / split
+        out.mkdir(parents=True, exist_ok=True)
+        for part, start in enumerate(range(0, len(index), rows_per_file)):
+            sl = slice(start, start + rows_per_file)
+            rows = {"image": [Path(p).read_bytes() for p in index.paths[sl]],
+                    "path": [str(Path(p).relative_to(src)) for p in index.paths[sl]]}
+            if index.labelled:
+                rows["label"] = [index.classes[y] for y in index.labels[sl]]
+            pq.write_table(pa.table(rows), out / f"part-{part:05d}.parquet")
+        counts[split] = len(index)
+    return counts
+
+
+def _labelled(root: Path, split: str) -> bool:
+    return not (root / split / "imgs").is_dir()

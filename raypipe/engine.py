@@ -1,0 +1,371 @@
+"""What both phases share: the TorchTrainer set-up, device/AMP, LR schedule, checkpoints,
+evaluation reduction and the run-folder contract. Phase modules only hold their own step."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import dist
+from .config import Config, OptimConfig, ResourcesConfig
+
+STATE_FILE = "state.pt"
+MODEL_FORMAT = "raypipe-model"
+MODEL_FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or exported model file is unusable (torn, other format, other architecture)."""
+
+
+# ---- inside a worker ----------------------------------------------------------------
+@dataclass
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    world_size: int
+    rank: int
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def make_runtime(res: ResourcesConfig, seed: int) -> Runtime:
+    """Device, AMP and seeds for this worker (cuda when Train gave us a GPU, else CPU)."""
+    try:
+        from ray.train.torch import get_device
+        device = get_device()
+    except Exception:  # outside Ray Train (plain loops, benchmarks)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    amp = None
+    if gpu and res.amp != "off":
+        amp = torch.float16 if res.amp == "fp16" else torch.bfloat16
+    rank = dist.rank()
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    return Runtime(device, amp, gpu and res.channels_last, dist.world_size(), rank)
+
+
+def wrap_ddp(module: nn.Module, rt: Runtime) -> nn.Module:
+    """DDP only for trainable modules and only with several workers."""
+    module.to(rt.device)
+    if rt.channels_last:
+        module.to(memory_format=torch.channels_last)
+    if not dist.is_distributed():
+        return module
+    ids = [rt.device.index] if rt.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def scaled_lr(opt: OptimConfig, world_size: int) -> float:
+    """Linear scaling rule: the config's lr is for a global batch of 256."""
+    return opt.lr * opt.batch_size * world_size / 256
+
+
+def lr_at(opt: OptimConfig, base_lr: float, epoch: float) -> float:
+    """Warm-up (linear) then cosine / step / constant, as a function of fractional epoch."""
+    if opt.warmup_epochs and epoch < opt.warmup_epochs:
+        return base_lr * (epoch + 1e-3) / opt.warmup_epochs
+    if opt.schedule == "cosine":
+        span = max(1e-8, opt.epochs - opt.warmup_epochs)
+        return base_lr * 0.5 * (1 + math.cos(math.pi * (epoch - opt.warmup_epochs) / span))
+    if opt.schedule == "step":
+        return base_lr * opt.step_gamma ** int(epoch // opt.step_epochs)
+    return base_lr
+
+
+def make_sgd(params, opt: OptimConfig, lr: float) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay,
+                           nesterov=opt.nesterov and opt.momentum > 0)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def optimizer_step(loss: torch.Tensor, optimizer, scaler, params, grad_clip: float) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def load_resume_state() -> dict | None:
+    """The newest checkpoint Ray Train hands this worker (after a failure or a re-run), or None."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as folder:
+        return load_state_file(Path(folder) / STATE_FILE)
+
+
+def load_state_file(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint file is unreadable (torn or corrupt): {path}: {exc}") from exc
+
+
+def report_epoch(metrics: dict, state: dict | None, rt: Runtime, local_dir: str | None = None) -> None:
+    """Every worker reports (Train's barrier); rank 0 attaches the checkpoint when given.
+
+    ``local_dir``: Train's local mode (num_workers=0) does not persist checkpoints, so they are
+    written there and kept instead of in a temporary folder that Train copies to storage.
+    """
+    import ray.train
+
+    if state is None or not rt.is_main:
+        ray.train.report(metrics)
+        return
+    if local_dir:
+        folder = Path(local_dir) / f"checkpoint_epoch_{metrics['epoch']:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_state(state, folder)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+        return
+    with tempfile.TemporaryDirectory(prefix="raypipe-ckpt-") as folder:
+        _write_state(state, Path(folder))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _write_state(state: dict, folder: Path) -> None:
+    tmp = folder / (STATE_FILE + ".partial")
+    torch.save(state, tmp)
+    os.replace(tmp, folder / STATE_FILE)  # the file exists only once complete
+
+
+def print_epoch(phase: str, m: dict, keys: tuple[str, ...]) -> None:
+    parts = [f"{phase} epoch {m['epoch']:>3}"]
+    for k in keys:
+        if k in m and m[k] is not None:
+            v = m[k]
+            parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    print("  ".join(parts), flush=True)
+
+
+def want_checkpoint(epoch: int, epochs: int, every: int) -> bool:
+    return (epoch + 1) % every == 0 or epoch + 1 == epochs
+
+
+class Throughput:
+    """Images per second over a timed span (global across workers)."""
+
+    def __init__(self):
+        self.start, self.images = time.perf_counter(), 0
+
+    def add(self, n: int) -> None:
+        self.images += n
+
+    def rate(self, world_size: int) -> float:
+        return self.images * world_size / max(1e-9, time.perf_counter() - self.start)
+
+
+def eval_rows_mask(idx: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Each worker evaluates the rows whose global index falls to it: no row twice, none lost."""
+    return (idx % rt.world_size) == rt.rank
+
+
+# ---- on the driver -----------------------------------------------------------------
+def resolve_use_gpu(res: ResourcesConfig) -> bool:
+    if res.use_gpu != "auto":
+        return res.use_gpu == "true"
+    import ray
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def check_cluster_can_fit(res: ResourcesConfig, use_gpu: bool) -> None:
+    """Fail fast when no node set could ever host the workers (instead of waiting forever)."""
+    import ray
+
+    if res.num_workers == 0 or os.environ.get("RAYPIPE_AUTOSCALING") == "1":
+        return
+    total = ray.cluster_resources()
+    need_cpu = res.num_workers * res.cpus_per_worker
+    need_gpu = res.num_workers * res.gpus_per_worker if use_gpu else 0
+    if need_cpu > total.get("CPU", 0) + 1e-6 or need_gpu > total.get("GPU", 0) + 1e-6:
+        raise ValueError(
+            f"resources.num_workers={res.num_workers} x (CPU {res.cpus_per_worker}, GPU "
+            f"{res.gpus_per_worker if use_gpu else 0}) needs CPU {need_cpu:g} / GPU {need_gpu:g}; the Ray "
+            f"cluster has CPU {total.get('CPU', 0):g} / GPU {total.get('GPU', 0):g}. Lower "
+            f"resources.num_workers or resources.cpus_per_worker (set RAYPIPE_AUTOSCALING=1 on an "
+            f"autoscaling cluster)")
+
+
+def run_trainer(train_fn: Callable, cfg: Config, loop_config: dict, datasets: dict, run_dir: Path,
+                callbacks: list | None = None, storage_path: str | None = None):
+    """Build and fit the TorchTrainer of one phase; re-running the same run folder resumes it."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    res = cfg.resources
+    use_gpu = resolve_use_gpu(res)
+    check_cluster_can_fit(res, use_gpu)
+    per_worker = {"CPU": res.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = res.gpus_per_worker
+    scaling = ScalingConfig(num_workers=res.num_workers, use_gpu=use_gpu,
+                            resources_per_worker=per_worker if res.num_workers else None,
+                            placement_strategy=res.placement_strategy)
+    storage = storage_path or res.storage_path and f"{res.storage_path.rstrip('/')}/{cfg.name}" \
+        or str(run_dir.resolve())
+    run_config = RunConfig(
+        name="train", storage_path=storage, callbacks=callbacks or [],
+        checkpoint_config=CheckpointConfig(num_to_keep=res.keep_checkpoints),
+        failure_config=FailureConfig(max_failures=res.max_failures))
+    if res.num_workers == 0:
+        loop_config = {**loop_config, "local_checkpoint_dir": str((run_dir / "local_checkpoints").resolve())}
+    trainer = TorchTrainer(train_fn, train_loop_config=loop_config, scaling_config=scaling,
+                           run_config=run_config, datasets=datasets,
+                           dataset_config=DataConfig(datasets_to_split=["train"]))
+    return trainer.fit()
+
+
+def final_state(result) -> dict:
+    """The last checkpoint's state (history + weights) from a finished Train run."""
+    if result.checkpoint is None:
+        raise CheckpointError(f"the run at {result.path} finished without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        return load_state_file(Path(folder) / STATE_FILE)
+
+
+def write_run_outputs(run_dir: Path, history: list[dict], final: dict, phase: str) -> None:
+    """metrics.csv, TensorBoard events and metrics.json in the run folder."""
+    import pandas as pd
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(history).to_csv(run_dir / "metrics.csv", index=False)
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        tb_dir = run_dir / "tensorboard"
+        shutil.rmtree(tb_dir, ignore_errors=True)
+        with SummaryWriter(str(tb_dir)) as writer:
+            for row in history:
+                for k, v in row.items():
+                    if isinstance(v, (int, float)) and k != "epoch" and v is not None and math.isfinite(v):
+                        writer.add_scalar(f"{phase}/{k}", v, row["epoch"])
+    except ImportError:  # tensorboard is a declared dependency; tolerate a trimmed install
+        pass
+    (run_dir / "metrics.json").write_text(json.dumps(final, indent=2, default=str))
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path | None = None) -> Path:
+    run_dir = Path(run_dir) if run_dir else Path(cfg.output_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.dump(run_dir / "config.yaml")
+    return run_dir
+
+
+# ---- exported model files ------------------------------------------------------------
+def save_model_file(path: Path, kind: str, state_dict: dict, cfg: Config, extra: dict[str, Any]) -> Path:
+    payload = {"format": MODEL_FORMAT, "version": MODEL_FORMAT_VERSION, "kind": kind,
+               "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+               "config": cfg.to_dict(), **extra}
+    tmp = path.with_suffix(path.suffix + ".partial")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_model_file(path: str | Path, kind: str | None = None) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"model file is unreadable (torn or not a raypipe model): {path}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{path} is not a raypipe model file")
+    if payload.get("version", 0) > MODEL_FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {payload['version']}; this raypipe reads "
+                              f"up to {MODEL_FORMAT_VERSION}: upgrade raypipe")
+    if kind and payload.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {payload.get('kind')!r} model, expected {kind!r}")
+    return payload
+
+
+# ---- Ray and data on the driver --------------------------------------------------------
+QUIET_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+             "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
+
+
+def ensure_ray(**init_kwargs) -> None:
+    """Connect to the cluster named by RAY_ADDRESS (``ray submit``/``ray job``) or start a local one."""
+    import ray
+
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, **init_kwargs)
+    quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.verbose_progress = False
+
+
+def write_data_report(run_dir: Path, decoded: dict) -> int:
+    """``data_report.json``: images used and skipped (with paths and reasons) per split."""
+    report = {name: {"images": d.count, "skipped": len(d.skipped), "skipped_files": d.skipped}
+              for name, d in decoded.items()}
+    (run_dir / "data_report.json").write_text(json.dumps(report, indent=2))
+    total = sum(len(d.skipped) for d in decoded.values())
+    if total:
+        print(f"skipped {total} unreadable image(s); see {run_dir / 'data_report.json'}", flush=True)
+        for name, d in decoded.items():
+            for item in d.skipped[:5]:
+                print(f"  [{name}] {item['path']}: {item['error']}", flush=True)
+    return total

@@ -1,0 +1,232 @@
+"""Evaluators: weighted k-NN monitor, linear probe, and (ensemble, 10-crop) classification."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import dist
+from .data import normalize
+
+
+# ---- features ------------------------------------------------------------------------
+@torch.no_grad()
+def gather_outputs(fn, batches, device, mask_fn=None, key: str = "image") -> dict[str, torch.Tensor]:
+    """Run ``fn`` over uint8 image batches; gather outputs, labels and row ids from all ranks,
+    ordered by row id. ``mask_fn(idx)`` picks this rank's rows (each row on exactly one rank)."""
+    outs, labels, idxs = [], [], []
+    for batch in batches:
+        idx = batch["idx"].cpu()
+        keep = mask_fn(idx) if mask_fn is not None else torch.ones_like(idx, dtype=torch.bool)
+        if not keep.any():
+            continue
+        images = batch[key][keep.to(batch[key].device)].to(device, non_blocking=True)
+        outs.append(fn(images).float().cpu())
+        labels.append(batch["label"].cpu()[keep])
+        idxs.append(idx[keep])
+    local = (torch.cat(outs) if outs else torch.empty(0), torch.cat(labels) if labels else torch.empty(0, dtype=torch.long),
+             torch.cat(idxs) if idxs else torch.empty(0, dtype=torch.long))
+    parts = [p for p in dist.all_gather_objects(local) if p[2].numel()]
+    out = torch.cat([p[0] for p in parts])
+    lab = torch.cat([p[1] for p in parts])
+    ids = torch.cat([p[2] for p in parts])
+    order = torch.argsort(ids)
+    if torch.unique(ids).numel() != ids.numel():
+        raise RuntimeError("evaluation saw a row twice: rows must be split by global index")
+    return {"out": out[order], "label": lab[order], "idx": ids[order]}
+
+
+def backbone_features(net: nn.Module, channels_last: bool = False):
+    def fn(images):
+        return net(normalize(images, channels_last))
+    return fn
+
+
+def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor,
+             k: int, t: float, num_classes: int, chunk: int = 1024) -> float:
+    """Weighted k-NN (InstDisc): cosine similarity, top-k neighbours vote with exp(sim / t)."""
+    bank = F.normalize(bank.float(), dim=1)
+    query = F.normalize(query.float(), dim=1)
+    k = min(k, bank.shape[0])
+    correct = 0
+    for start in range(0, query.shape[0], chunk):
+        q = query[start:start + chunk]
+        sim, nn_idx = (q @ bank.t()).topk(k, dim=1)
+        votes = torch.zeros(q.shape[0], num_classes)
+        votes.scatter_add_(1, bank_labels[nn_idx], (sim / t).exp())
+        correct += (votes.argmax(1) == query_labels[start:start + chunk]).sum().item()
+    return 100.0 * correct / max(1, query.shape[0])
+
+
+# ---- linear probe (MoCo protocol on frozen, cached features) -------------------------
+def linear_probe(train_feats, train_labels, eval_feats: dict[str, tuple], num_classes: int,
+                 epochs: int = 100, lr: float = 30.0, milestones=(60, 80), batch_size: int = 256,
+                 seed: int = 0) -> dict[str, float]:
+    """Train a linear classifier on frozen features (SGD lr 30, momentum 0.9, no weight decay,
+    x0.1 at epochs 60 and 80 of 100); top-1 on each named evaluation set."""
+    g = torch.Generator().manual_seed(seed)
+    clf = nn.Linear(train_feats.shape[1], num_classes)
+    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(milestones), 0.1)
+    # MoCo's lr 30 assumes un-normalised ResNet features; standardise so any backbone trains stably.
+    mean, std = train_feats.mean(0), train_feats.std(0).clamp_min(1e-6)
+    x = (train_feats - mean) / std
+    for _ in range(epochs):
+        perm = torch.randperm(x.shape[0], generator=g)
+        for start in range(0, x.shape[0], batch_size):
+            b = perm[start:start + batch_size]
+            loss = F.cross_entropy(clf(x[b]), train_labels[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    out = {}
+    with torch.no_grad():
+        for name, (f, y) in eval_feats.items():
+            out[name] = 100.0 * (clf((f - mean) / std).argmax(1) == y).float().mean().item()
+    return out
+
+
+# ---- classification: single model, ensemble, 10-crop ---------------------------------
+@torch.no_grad()
+def ensemble_probs(models: list[nn.Module], images: torch.Tensor, weights: list[float] | None = None,
+                   channels_last: bool = False) -> torch.Tensor:
+    """Softmax probabilities averaged over models (weighted) and, for (N,V,C,H,W) input, views."""
+    views = images.dim() == 5
+    n = images.shape[0]
+    flat = images.flatten(0, 1) if views else images
+    x = normalize(flat, channels_last)
+    weights = weights or [1.0] * len(models)
+    total = None
+    for w, model in zip(weights, models):
+        p = model(x).float().softmax(dim=1)
+        if views:
+            p = p.view(n, -1, p.shape[1]).mean(dim=1)  # logits' softmax averaged over the 10 views
+        total = p * w if total is None else total + p * w
+    return total / sum(weights)
+
+
+def classification_report(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    pred = probs.argmax(1)
+    top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
+    n = len(classes)
+    confusion = torch.zeros(n, n, dtype=torch.long)
+    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    per_class = {c: (100.0 * confusion[i, i].item() / max(1, confusion[i].sum().item())) for i, c in enumerate(classes)}
+    return {"top1": 100.0 * (pred == labels).float().mean().item(),
+            "top5": 100.0 * (top5 == labels[:, None]).any(1).float().mean().item(),
+            "n_images": int(labels.numel()), "per_class_top1": per_class,
+            "confusion": confusion.tolist()}
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(confusion, dtype=float)
+    m = m / np.maximum(1, m.sum(1, keepdims=True))
+    size = min(20, 3 + 0.4 * len(classes))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
+    if len(classes) <= 50:
+        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_submission(path: Path, image_ids: list[str], predictions: list[int]) -> None:
+    """The VIPriors CSV: ``Image IDs,Predictions`` (class index in sorted-folder order)."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["Image IDs", "Predictions"])
+        writer.writerows(zip(image_ids, predictions))
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=str))
+
+
+# ---- driver-side runs (no Train): `raypipe evaluate`, `raypipe linear-probe` ----------
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def evaluate_models(data_cfg, split: str, model_paths: list[str], ten_crop: bool = False,
+                    weights: list[float] | None = None, out_dir: str | Path = "eval",
+                    submission: str | Path | None = None, batch_size: int = 64) -> dict:
+    """One model or an ensemble (softmax averaged, optional weights), with or without 10-crop,
+    on a labelled split (JSON report + confusion PNG) or an unlabelled one (submission CSV)."""
+    from . import engine
+    from .data import decode_split, scan_split, with_view
+    from .student import load_classifier
+
+    if weights and len(weights) != len(model_paths):
+        raise ValueError(f"--weights has {len(weights)} values for {len(model_paths)} models")
+    loaded = [load_classifier(p) for p in model_paths]
+    classes = loaded[0][1]["classes"]
+    for path, (_, payload) in zip(model_paths, loaded):
+        if payload["classes"] != classes:
+            raise ValueError(f"{path} was trained on other classes than {model_paths[0]}")
+    split_name = {"train": data_cfg.train_split, "val": data_cfg.val_split, "test": data_cfg.test_split}.get(split, split)
+    index = scan_split(data_cfg.root, split_name, classes=classes)
+    engine.ensure_ray()
+    decoded = decode_split(index, data_cfg)
+    ds = with_view(decoded, "ten_crop" if ten_crop else "eval", data_cfg)
+    device = _device()
+    models = [m.to(device) for m, _ in loaded]
+    key = "views" if ten_crop else "image"
+    probs, labels, idxs = [], [], []
+    for batch in ds.iter_torch_batches(batch_size=batch_size):
+        probs.append(ensemble_probs(models, batch[key].to(device), weights).cpu())
+        labels.append(batch["label"].cpu())
+        idxs.append(batch["idx"].cpu())
+    order = torch.argsort(torch.cat(idxs))
+    probs, labels, idxs = torch.cat(probs)[order], torch.cat(labels)[order], torch.cat(idxs)[order]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"split": split_name, "models": [str(p) for p in model_paths], "weights": weights,
+              "views": "10-crop" if ten_crop else "centre crop", "skipped_images": decoded.skipped,
+              "n_images": int(labels.numel())}
+    if submission:
+        ids = [Path(index.paths[i]).name for i in idxs.tolist()]
+        write_submission(Path(submission), ids, probs.argmax(1).tolist())
+        report["submission"] = str(submission)
+    if index.labelled:
+        report.update(classification_report(probs, labels, classes))
+        plot_confusion(report["confusion"], classes, out_dir / "confusion.png",
+                       f"{split_name}: top-1 {report['top1']:.2f}% ({report['views']}, {len(models)} model(s))")
+    write_json(out_dir / "report.json", report)
+    return report
+
+
+def probe_teacher(data_cfg, teacher_path: str, splits: tuple[str, ...] = ("val",), epochs: int = 100,
+                  lr: float = 30.0, batch_size: int = 128, seed: int = 0) -> dict:
+    """Linear probe of a phase-1 teacher: frozen backbone, linear classifier on train."""
+    from . import engine
+    from .data import decode_split, scan_dataset, with_view
+    from .student import load_teacher_backbone
+
+    net, _ = load_teacher_backbone(teacher_path)
+    index = scan_dataset(data_cfg, ("train", *splits))
+    engine.ensure_ray()
+    device = _device()
+    net = net.to(device)
+    feats = {}
+    for name, idx in index.items():
+        ds = with_view(decode_split(idx, data_cfg), "eval", data_cfg)
+        out = gather_outputs(backbone_features(net), ds.iter_torch_batches(batch_size=batch_size), device)
+        feats[name] = (out["out"], out["label"])
+    scores = linear_probe(*feats["train"], {s: feats[s] for s in splits}, len(index["train"].classes),
+                          epochs=epochs, lr=lr, milestones=(int(epochs * 0.6), int(epochs * 0.8)), seed=seed)
+    return {f"{s}_top1": v for s, v in scores.items()}

@@ -1,0 +1,183 @@
+"""``raypipe results EXPERIMENT_DIR``: leaderboards, best configs and plots of a tune_margin run.
+
+Reads Tune's own files (``ray.tune.ExperimentAnalysis``), so it works on a finished or an
+interrupted experiment, on the head node or on a copy fetched with ``ray rsync-down``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+STAGES = {"stage1_teacher": "knn_top1", "stage2_student": "val_top1", "stage3_final": "val_top1"}
+
+
+def load_stage(exp_dir: Path, stage: str, metric: str):
+    """-> (leaderboard rows, searched parameter names, {trial_id: per-epoch DataFrame})."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(exp_dir / stage))
+    record_path = exp_dir / f"{stage}.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    params = list(record.get("best_params", {})) or _varying_params(analysis)
+    rows, curves = [], {}
+    for trial in analysis.trials:
+        df = analysis.trial_dataframes.get(trial.path) if hasattr(trial, "path") else None
+        if df is None:
+            df = next((d for p, d in analysis.trial_dataframes.items() if trial.trial_id in str(p)), None)
+        values = df[metric].dropna() if df is not None and metric in df else []
+        row = {"trial": trial.trial_id, "status": trial.status,
+               "best": float(values.max()) if len(values) else math.nan,
+               "last": float(values.iloc[-1]) if len(values) else math.nan, "epochs": int(len(values))}
+        for p in params:
+            row[p] = _get(trial.config, p)
+        if "final" in trial.config:
+            row["final"] = trial.config["final"]
+        rows.append(row)
+        if df is not None and len(values):
+            curves[trial.trial_id] = df
+    rows.sort(key=lambda r: -r["best"] if not math.isnan(r["best"]) else math.inf)
+    return rows, params, curves, record
+
+
+def _get(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _varying_params(analysis) -> list[str]:
+    """Dotted config keys whose values differ between trials (a stage still running)."""
+    seen: dict[str, set] = {}
+    for trial in analysis.trials:
+        for section, values in trial.config.items():
+            if isinstance(values, dict):
+                for k, v in values.items():
+                    seen.setdefault(f"{section}.{k}", set()).add(repr(v))
+    return sorted(k for k, v in seen.items() if len(v) > 1)
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else f"{v:.4g}"
+        return str(v)
+    widths = [max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in columns] if rows else [len(c) for c in columns]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def plot_stage(out_dir: Path, stage: str, metric: str, rows: list[dict], params: list[str], curves: dict) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if params:
+        fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.5), squeeze=False)
+        for ax, p in zip(axes[0], params):
+            xs = [r[p] for r in rows if r.get(p) is not None and not math.isnan(r["best"])]
+            ys = [r["best"] for r in rows if r.get(p) is not None and not math.isnan(r["best"])]
+            ax.scatter(xs, ys)
+            ax.set_xlabel(p)
+            ax.set_ylabel(f"best {metric}")
+            if p.endswith(("temperature", "distill_weight", ".lr")):
+                ax.set_xscale("log")
+        fig.suptitle(f"{stage}: {metric} against each searched parameter")
+        fig.tight_layout()
+        written.append(out_dir / f"{stage}_params.png")
+        fig.savefig(written[-1], dpi=90)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for trial, df in curves.items():
+        ax.plot(df["training_iteration"], df[metric], marker="o", label=trial)
+    ax.set_xlabel("epoch (training_iteration)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{stage}: learning curves")
+    if len(curves) <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out_dir / f"{stage}_curves.png")
+    fig.savefig(written[-1], dpi=90)
+    plt.close(fig)
+    if params:
+        written.append(plot_importances(out_dir / f"{stage}_importance.png", stage, rows, params))
+    return written
+
+
+def param_importances(rows: list[dict], params: list[str]) -> dict[str, float]:
+    """Optuna's fANOVA importances from the finished trials (needs a few trials)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    done = [r for r in rows if not math.isnan(r["best"]) and all(r.get(p) is not None for p in params)]
+    if len(done) < 2:
+        raise ValueError(f"parameter importances need at least 2 trials with results, have {len(done)}")
+    dists = {}
+    for p in params:
+        values = [r[p] for r in done]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) and \
+                not all(isinstance(v, int) for v in values):
+            lo, hi = min(values), max(values)
+            dists[p] = FloatDistribution(lo, hi if hi > lo else lo + 1e-12)
+        else:
+            dists[p] = CategoricalDistribution(sorted(set(values)))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    for r in done:
+        study.add_trial(optuna.trial.create_trial(params={p: r[p] for p in params}, distributions=dists,
+                                                  value=r["best"]))
+    return optuna.importance.get_param_importances(study)
+
+
+def plot_importances(path: Path, stage: str, rows: list[dict], params: list[str]) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 1 + 0.6 * len(params)))
+    try:
+        imp = param_importances(rows, params)
+        ax.barh(list(imp), list(imp.values()))
+        ax.set_xlabel("importance (Optuna fANOVA)")
+    except Exception as exc:  # too few or degenerate trials: say so in the figure
+        ax.text(0.5, 0.5, f"importances unavailable:\n{exc}", ha="center", va="center", wrap=True)
+        ax.set_axis_off()
+    ax.set_title(f"{stage}: parameter importances")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def show_results(exp_dir: str | Path, out_dir: str | Path | None = None) -> dict:
+    exp_dir = Path(exp_dir).resolve()
+    if not exp_dir.is_dir():
+        raise FileNotFoundError(f"experiment folder not found: {exp_dir}")
+    out_dir = Path(out_dir) if out_dir else exp_dir / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {}
+    for stage, metric in STAGES.items():
+        if not (exp_dir / stage).is_dir():
+            print(f"== {stage}: not started")
+            continue
+        rows, params, curves, record = load_stage(exp_dir, stage, metric)
+        cols = ["trial", *(["final"] if stage == "stage3_final" else []), *params, "best", "last", "epochs", "status"]
+        print(f"\n== {stage}: leaderboard by {metric} (best over epochs)")
+        print(format_table(rows, cols))
+        if record.get("best_config"):
+            best = {k: record["best_config"][k] for k in ("teacher", "student") if k in record["best_config"]}
+            print(f"\n-- best config ({stage}), YAML:\n" + yaml.safe_dump(
+                {k: {p.split(".")[1]: v for p, v in record["best_params"].items() if p.startswith(k)} or best[k]
+                 for k in best if any(p.startswith(k) for p in record["best_params"])}, sort_keys=False))
+        plots = plot_stage(out_dir, stage, metric, rows, params, curves)
+        report[stage] = {"rows": rows, "params": params, "plots": [str(p) for p in plots]}
+    summary = exp_dir / "summary.md"
+    if summary.is_file():
+        print("\n" + summary.read_text())
+    print(f"plots: {out_dir}")
+    return report

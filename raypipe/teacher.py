@@ -1,0 +1,148 @@
+"""Phase 1: the MoCo v2 teacher with the margin loss, on Ray Train's TorchTrainer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import dist, engine
+from .config import Config, ConfigError
+from .data import normalize, scan_dataset
+from .evaluate import backbone_features, gather_outputs, knn_top1
+from .losses import contrastive_logits, margin_nce_loss
+from .models import MoCo
+
+EPOCH_KEYS = ("loss", "knn_top1", "pos_sim", "neg_sim", "lr", "images_per_s")
+
+
+def build_model(cfg: Config) -> MoCo:
+    t = cfg.teacher
+    return MoCo(t.backbone, t.small_stem, t.proj_hidden, t.proj_dim, t.queue_size, t.key_momentum,
+                bn_splits=t.bn_splits)
+
+
+def knn_monitor(model: MoCo, rt: engine.Runtime, cfg: Config, num_classes: int) -> float:
+    """k-NN top-1 on val with the query backbone's features; bank = train (centre crops)."""
+    import ray.train
+
+    model.eval()
+    fn = backbone_features(model.backbone, rt.channels_last)
+    mask = lambda idx: engine.eval_rows_mask(idx, rt)  # noqa: E731
+    bs = cfg.teacher.batch_size
+    bank = gather_outputs(fn, ray.train.get_dataset_shard("bank").iter_torch_batches(batch_size=bs), rt.device, mask)
+    val = gather_outputs(fn, ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=bs), rt.device, mask)
+    return knn_top1(bank["out"], bank["label"], val["out"], val["label"], cfg.teacher.knn_k, cfg.teacher.knn_t,
+                    num_classes)
+
+
+def train_loop(loop_config: dict) -> None:
+    """Runs on every Train worker."""
+    import ray.train
+
+    cfg, meta = Config.from_dict(loop_config["cfg"]), loop_config["meta"]
+    t = cfg.teacher
+    rt = engine.make_runtime(cfg.resources, t.seed)
+    model = build_model(cfg)
+    resume = engine.load_resume_state()
+    if resume:
+        model.load_state_dict(resume["model"])
+    net = engine.wrap_ddp(model, rt)
+    params = [p for p in model.parameters() if p.requires_grad]
+    base_lr = engine.scaled_lr(t, rt.world_size)
+    optimizer = engine.make_sgd(params, t, base_lr)
+    scaler = rt.scaler()
+    start_epoch, history = 0, []
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        engine.set_rng_state(resume["rng"][min(rt.rank, len(resume["rng"]) - 1)])
+        start_epoch, history = resume["epoch"] + 1, resume["history"]
+    steps_per_epoch = max(1, meta["n_train"] // (t.batch_size * rt.world_size))
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, t.epochs):
+        model.train()
+        speed = engine.Throughput()
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, pos, neg, steps
+        lr = base_lr
+        batches = shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True,
+                                           local_shuffle_buffer_size=cfg.data.shuffle_buffer or None)
+        for step, batch in enumerate(batches):
+            lr = engine.lr_at(t, base_lr, epoch + step / steps_per_epoch)
+            engine.set_lr(optimizer, lr)
+            im_q = normalize(batch["view1"].to(rt.device), rt.channels_last)
+            im_k = normalize(batch["view2"].to(rt.device), rt.channels_last)
+            with rt.autocast():
+                q, k = net(im_q, im_k)
+            l_pos, l_neg = contrastive_logits(q.float(), k.float(), model.queue.clone().detach())
+            loss = margin_nce_loss(l_pos, l_neg, t.margin, t.temperature)
+            engine.optimizer_step(loss, optimizer, scaler, params, t.grad_clip)
+            model.enqueue(dist.all_gather_cat(k.float()))
+            sums += torch.tensor([loss.item(), l_pos.mean().item(), l_neg.mean().item(), 1.0], dtype=torch.float64)
+            speed.add(im_q.shape[0])
+        dist.all_reduce_sum(sums)
+        steps = max(1.0, sums[3].item())
+        metrics = {"epoch": epoch, "loss": sums[0].item() / steps, "pos_sim": sums[1].item() / steps,
+                   "neg_sim": sums[2].item() / steps, "lr": lr, "images_per_s": speed.rate(rt.world_size),
+                   "steps": int(steps / rt.world_size), "knn_top1": None}
+        last = epoch + 1 == t.epochs
+        if (epoch + 1) % t.knn_every == 0 or last:
+            metrics["knn_top1"] = knn_monitor(model, rt, cfg, meta["num_classes"])
+        if metrics["knn_top1"] is None:
+            metrics.pop("knn_top1")
+        history.append(metrics)
+        state = None
+        if engine.want_checkpoint(epoch, t.epochs, cfg.resources.checkpoint_every):
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "epoch": epoch, "history": history,
+                     "rng": dist.all_gather_objects(engine.rng_state()), "world_size": rt.world_size}
+        if rt.is_main:
+            engine.print_epoch("pretrain", metrics, EPOCH_KEYS)
+        engine.report_epoch(metrics, state, rt, loop_config.get("local_checkpoint_dir"))
+
+
+def export_teacher(cfg: Config, state: dict, path: Path, classes: list[str]) -> Path:
+    """A Train checkpoint's state -> the plain teacher file phase 2 and the evaluators load."""
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    t = cfg.teacher
+    return engine.save_model_file(
+        Path(path), "teacher", model.backbone.state_dict(), cfg,
+        {"backbone": t.backbone, "small_stem": t.small_stem, "classes": classes,
+         "resolution": cfg.data.resolution, "head": model.encoder_q[1].state_dict(),
+         "epochs_trained": state["epoch"] + 1})
+
+
+def pretrain(cfg: Config, run_dir: Path | None = None, callbacks: list | None = None,
+             storage_path: str | None = None) -> dict:
+    """Phase 1 end to end: check data, decode it with Ray Data, train, export ``teacher.pt``."""
+    from .data import decode_split, with_view
+
+    index = scan_dataset(cfg.data, ("train", "val"))  # layout errors before any Ray resource
+    t = cfg.teacher
+    if t.queue_size > len(index["train"]):
+        raise ConfigError(f"teacher.queue_size={t.queue_size} exceeds the {len(index['train'])} training images: "
+                          f"the queue would hold stale duplicate keys; use at most "
+                          f"{len(index['train']) // (t.batch_size * max(1, cfg.resources.num_workers)) * t.batch_size * max(1, cfg.resources.num_workers)}")
+    run_dir = engine.prepare_run_dir(cfg, run_dir)
+    engine.ensure_ray()
+    decoded = {s: decode_split(index[s], cfg.data) for s in ("train", "val")}
+    skipped = engine.write_data_report(run_dir, decoded)
+    n_train = decoded["train"].count
+    if n_train < t.batch_size * max(1, cfg.resources.num_workers):
+        raise ConfigError(f"only {n_train} decodable training images: fewer than one global batch "
+                          f"(teacher.batch_size x resources.num_workers)")
+    datasets = {"train": with_view(decoded["train"], "moco", cfg.data, shuffle=True),
+                "bank": with_view(decoded["train"], "eval", cfg.data),
+                "val": with_view(decoded["val"], "eval", cfg.data)}
+    meta = {"n_train": n_train, "num_classes": len(index["train"].classes)}
+    result = engine.run_trainer(train_loop, cfg, {"cfg": cfg.to_dict(), "meta": meta}, datasets, run_dir,
+                                callbacks=callbacks, storage_path=storage_path)
+    state = engine.final_state(result)
+    teacher_path = export_teacher(cfg, state, run_dir / "teacher.pt", index["train"].classes)
+    history = state["history"]
+    final = {"phase": "pretrain", "epochs": len(history), **history[-1],
+             "best_knn_top1": max((h.get("knn_top1", 0.0) for h in history), default=0.0),
+             "teacher": str(teacher_path), "skipped_images": skipped, "n_train": n_train,
+             "checkpoint": result.checkpoint.path}
+    engine.write_run_outputs(run_dir, history, final, "pretrain")
+    return final

@@ -1,0 +1,488 @@
+"""The main job: Ray Tune + Optuna search of the teacher (margin, temperature, K, lr) and the
+student (lambda, CE warm-up, lr), then the final models, the test evaluation and the summary.
+
+Stages (each skipped on a re-run once finished, restored with ``Tuner.restore`` if interrupted):
+  1. ``stage1_teacher``: each trial is a phase-1 TorchTrainer run, objective k-NN val top-1;
+  2. ``stage2_student``: each trial is a phase-2 ``distill`` run from the best teacher, val top-1;
+  3. ``stage3_final``: supervised baseline, fine-tune and the distilled ensemble members
+     (a Tune grid, so they run in parallel on a cluster), then the test evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from . import engine
+from .config import Config, ConfigError, load_config
+from .data import scan_dataset
+
+TEACHER_METRIC, STUDENT_METRIC = "knn_top1", "val_top1"
+SMOKE = [  # tiny trials on demo data: the whole job in a few minutes on 2 cores
+    "data.resolution=16", "data.decode_size=20", "data.aug_batch_size=32",
+    "resources.num_workers=1", "resources.cpus_per_worker=0.5",
+    "teacher.backbone=resnet18", "teacher.epochs=2", "teacher.batch_size=16", "teacher.knn_k=20",
+    "teacher.proj_hidden=128", "student.backbone=resnet18", "student.epochs=2", "student.batch_size=16",
+    "student.ce_only_epochs=1", "tune.teacher_trials=2", "tune.student_trials=2", "tune.grace_period=1",
+    "tune.final_members=2",
+]
+SMOKE_DEMO = {"train": 16, "val": 8, "test": 8}
+DEMO = {"train": 50, "val": 20, "test": 20}
+
+
+# ---- storage helpers -------------------------------------------------------------------
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts]) if is_uri(root) else str(Path(root, *parts).resolve())
+
+
+def upload(local: Path, uri: str) -> None:
+    """Copy a local file or folder to a storage URI (no-op for a local destination that matches)."""
+    if not is_uri(uri):
+        return
+    import pyarrow.fs as pafs
+    fs, path = pafs.FileSystem.from_uri(uri)
+    if local.is_dir():
+        pafs.copy_files(str(local), path, destination_filesystem=fs)
+    else:
+        with open(local, "rb") as src, fs.open_output_stream(path) as dst:
+            dst.write(src.read())
+
+
+# ---- search spaces -------------------------------------------------------------------
+def queue_candidates(cfg: Config, n_train: int) -> list[int]:
+    """K values Tune may pick: multiples of the global batch the training set can fill."""
+    gb = cfg.teacher.batch_size * max(1, cfg.resources.num_workers)
+    cap = n_train // gb * gb
+    if cap < gb:
+        raise ConfigError(f"{n_train} training images cannot fill one global batch of {gb}")
+    if cfg.tune.queue_sizes:
+        bad = [k for k in cfg.tune.queue_sizes if k % gb or k > cap]
+        if bad:
+            raise ConfigError(f"tune.queue_sizes {bad} must be multiples of the global batch {gb} and <= {cap} "
+                              f"(the training images rounded down to whole batches)")
+        return sorted(set(cfg.tune.queue_sizes))
+    sizes, k = [], gb
+    while k <= cap:
+        sizes.append(k)
+        k *= 2
+    return sorted(set(sizes + [min(cap, 4096 // gb * gb or gb)]))
+
+
+def paper_queue(cfg: Config, candidates: list[int]) -> int:
+    """The paper's K = 4096, clipped to what the data can fill."""
+    return max([k for k in candidates if k <= 4096] or candidates[:1])
+
+
+def teacher_space(cfg: Config, n_train: int) -> tuple[dict, dict]:
+    """(Tune param_space overrides at dotted keys, the paper's starting point)."""
+    from ray import tune
+
+    t = cfg.tune
+    queues = queue_candidates(cfg, n_train)
+    space = {"teacher.margin": tune.uniform(*t.margin_range),
+             "teacher.temperature": tune.loguniform(*t.temperature_range),
+             "teacher.queue_size": tune.choice(queues)}
+    point = {"teacher.margin": min(max(0.4, t.margin_range[0]), t.margin_range[1]),
+             "teacher.temperature": min(max(0.2, t.temperature_range[0]), t.temperature_range[1]),
+             "teacher.queue_size": paper_queue(cfg, queues)}
+    if t.lr_range:
+        space["teacher.lr"] = tune.loguniform(*t.lr_range)
+        point["teacher.lr"] = min(max(cfg.teacher.lr, t.lr_range[0]), t.lr_range[1])
+    return space, point
+
+
+def student_space(cfg: Config) -> tuple[dict, dict]:
+    from ray import tune
+
+    t = cfg.tune
+    space = {"student.distill_weight": tune.loguniform(*t.distill_weight_range)}
+    point = {"student.distill_weight": min(max(1e-4, t.distill_weight_range[0]), t.distill_weight_range[1])}
+    if t.ce_only_range:
+        space["student.ce_only_epochs"] = tune.randint(t.ce_only_range[0], t.ce_only_range[1] + 1)
+        point["student.ce_only_epochs"] = min(max(cfg.student.ce_only_epochs, t.ce_only_range[0]), t.ce_only_range[1])
+    if t.student_lr_range:
+        space["student.lr"] = tune.loguniform(*t.student_lr_range)
+        point["student.lr"] = min(max(cfg.student.lr, t.student_lr_range[0]), t.student_lr_range[1])
+    return space, point
+
+
+def param_space(cfg: Config, dotted: dict) -> dict:
+    """The config's nested dict with search domains at the dotted keys (one schema for all)."""
+    raw = cfg.to_dict()
+    for key, domain in dotted.items():
+        section, name = key.split(".")
+        raw[section][name] = domain
+    return raw
+
+
+def flat_point(point: dict) -> dict:
+    return {k.replace(".", "/"): v for k, v in point.items()}
+
+
+def trial_concurrency(cfg: Config) -> int:
+    """Trials that can run at once without their drivers starving their own trainers."""
+    import ray
+
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    res, total = cfg.resources, ray.cluster_resources()
+    workers = max(1, res.num_workers)
+    cpu_need = workers * res.cpus_per_worker + cfg.tune.driver_cpus + cfg.data.cpus_per_task
+    by_cpu = int(total.get("CPU", 0) // cpu_need)
+    if engine.resolve_use_gpu(res):
+        by_cpu = min(by_cpu, int(total.get("GPU", 0) // max(1e-9, workers * res.gpus_per_worker)))
+    return max(1, by_cpu)
+
+
+# ---- trial drivers (one per Tune trial; each builds a TorchTrainer) ------------------
+def _trial_paths(ctx: dict) -> tuple[Path, str]:
+    from ray import tune
+    tc = tune.get_context()
+    # Named after the trial id, no timestamp: a retried or restored trial resumes its Train run.
+    return Path(tc.get_trial_dir()), join(ctx["storage"], f"{ctx['stage']}_runs", tc.get_trial_id())
+
+
+def teacher_trial(config: dict, ctx: dict) -> None:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .teacher import pretrain
+    run_dir, storage = _trial_paths(ctx)
+    pretrain(Config.from_dict(config), run_dir=run_dir, callbacks=[TuneReportCallback()], storage_path=storage)
+
+
+def student_trial(config: dict, ctx: dict) -> None:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .student import train_student
+    run_dir, storage = _trial_paths(ctx)
+    cfg = Config.from_dict(config)
+    teacher = ctx.get("teacher") if cfg.student.mode != "supervised" else None
+    train_student(cfg, teacher, run_dir=run_dir, callbacks=[TuneReportCallback()], storage_path=storage)
+
+
+def final_trial(config: dict, ctx: dict) -> None:
+    """Stage 3: one of the final models (``config['final']`` says which), no early stopping."""
+    member = ctx["members"][config["final"]]
+    cfg = Config.from_dict(member["config"])
+    student_trial(cfg.to_dict(), {**ctx, "teacher": member.get("teacher")})
+
+
+# ---- running a stage -------------------------------------------------------------------
+def run_tune_stage(stage: str, trainable, ctx: dict, cfg: Config, space: dict | None, metric: str | None,
+                   num_samples: int, point: dict | None = None, max_t: int = 0, grid: list | None = None):
+    """Fit (or restore and finish) one Tune experiment; returns its ResultGrid."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    path = join(ctx["storage"], stage)
+    fn = tune.with_resources(tune.with_parameters(trainable, ctx=ctx), {"CPU": cfg.tune.driver_cpus})
+    if tune.Tuner.can_restore(path):
+        print(f"[{stage}] restoring {path}: finished trials are kept", flush=True)
+        tuner = tune.Tuner.restore(path, trainable=fn, resume_errored=True)
+    else:
+        if grid is not None:
+            tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=trial_concurrency(cfg))
+            param = {"final": tune.grid_search(grid)}
+        else:
+            searcher = OptunaSearch(metric=metric, mode="max", points_to_evaluate=[flat_point(point)],
+                                    sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed))
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+                                      grace_period=min(cfg.tune.grace_period, max_t),
+                                      reduction_factor=cfg.tune.reduction_factor)
+            tune_config = tune.TuneConfig(metric=metric, mode="max", search_alg=searcher, scheduler=scheduler,
+                                          num_samples=num_samples, max_concurrent_trials=trial_concurrency(cfg))
+            param = param_space(cfg, space)
+        tuner = tune.Tuner(fn, param_space=param, tune_config=tune_config,
+                           run_config=tune.RunConfig(name=stage, storage_path=ctx["storage"],
+                                                     failure_config=tune.FailureConfig(max_failures=1)))
+    grid_result = tuner.fit()
+    errors = [r.error for r in grid_result if r.error is not None]
+    if errors and len(errors) == len(grid_result):
+        raise RuntimeError(f"[{stage}] every trial failed; first error: {errors[0]}")
+    return grid_result
+
+
+def best_trial(grid, metric: str):
+    """Best trial by the best value it ever reported (ASHA-stopped trials included)."""
+    best, best_value = None, -math.inf
+    for result in grid:
+        df = result.metrics_dataframe
+        if df is None or metric not in df or df[metric].dropna().empty:
+            continue
+        value = float(df[metric].max())
+        if value > best_value:
+            best, best_value = result, value
+    if best is None:
+        raise RuntimeError(f"no trial reported {metric!r}")
+    return best, best_value
+
+
+def _latest_state(train_storage: str) -> dict:
+    from ray.train import Result
+    result = Result.from_path(join(train_storage, "train"))
+    return engine.final_state(result)
+
+
+def stage_record(exp_dir: Path, stage: str) -> dict | None:
+    path = exp_dir / f"{stage}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def save_stage(exp_dir: Path, stage: str, record: dict) -> dict:
+    (exp_dir / f"{stage}.json").write_text(json.dumps(record, indent=2, default=str))
+    return record
+
+
+def _trial_summary(grid, metric: str) -> list[dict]:
+    rows = []
+    for r in grid:
+        df = r.metrics_dataframe
+        rows.append({"trial_id": r.metrics.get("trial_id") if r.metrics else None,
+                     "best": float(df[metric].max()) if df is not None and metric in df else None,
+                     "epochs": int(len(df)) if df is not None else 0, "error": str(r.error) if r.error else None})
+    return rows
+
+
+def stage1(cfg: Config, ctx: dict, exp_dir: Path, n_train: int, classes: list[str]) -> dict:
+    from .teacher import export_teacher
+
+    record = stage_record(exp_dir, "stage1_teacher")
+    if record:
+        print(f"[stage1_teacher] done before: best {TEACHER_METRIC} {record['best_metric']:.2f}", flush=True)
+        return record
+    space, point = teacher_space(cfg, n_train)
+    grid = run_tune_stage("stage1_teacher", teacher_trial, {**ctx, "stage": "stage1_teacher"}, cfg, space,
+                          TEACHER_METRIC, cfg.tune.teacher_trials, point, max_t=cfg.tune.asha_max_t or cfg.teacher.epochs)
+    best, value = best_trial(grid, TEACHER_METRIC)
+    best_cfg = Config.from_dict(best.config)
+    state = _latest_state(join(ctx["storage"], "stage1_teacher_runs", best.metrics["trial_id"]))
+    teacher_file = export_teacher(best_cfg, state, exp_dir / "best_teacher.pt", classes)
+    upload(teacher_file, join(ctx["storage"], "best_teacher.pt"))
+    params = {k: best.config[k.split(".")[0]][k.split(".")[1]] for k in space}
+    return save_stage(exp_dir, "stage1_teacher", {
+        "best_metric": value, "metric": TEACHER_METRIC, "best_params": params, "paper_point": point,
+        "best_config": best_cfg.to_dict(), "teacher": join(ctx["storage"], "best_teacher.pt")
+        if is_uri(ctx["storage"]) else str(teacher_file), "trials": _trial_summary(grid, TEACHER_METRIC)})
+
+
+def stage2(cfg: Config, ctx: dict, exp_dir: Path, s1: dict) -> dict:
+    record = stage_record(exp_dir, "stage2_student")
+    if record:
+        print(f"[stage2_student] done before: best {STUDENT_METRIC} {record['best_metric']:.2f}", flush=True)
+        return record
+    base = Config.from_dict({**s1["best_config"], "student": cfg.to_dict()["student"]})
+    base = base.with_overrides({"student.mode": "distill"})
+    space, point = student_space(base)
+    grid = run_tune_stage("stage2_student", student_trial, {**ctx, "stage": "stage2_student", "teacher": s1["teacher"]},
+                          base, space, STUDENT_METRIC, cfg.tune.student_trials, point,
+                          max_t=cfg.tune.asha_max_t or base.student.epochs)
+    best, value = best_trial(grid, STUDENT_METRIC)
+    params = {k: best.config[k.split(".")[0]][k.split(".")[1]] for k in space}
+    return save_stage(exp_dir, "stage2_student", {
+        "best_metric": value, "metric": STUDENT_METRIC, "best_params": params, "paper_point": point,
+        "best_config": Config.from_dict(best.config).to_dict(), "trials": _trial_summary(grid, STUDENT_METRIC)})
+
+
+def final_members(cfg: Config, s1: dict, s2: dict, teacher: str) -> dict[str, dict]:
+    """Stage-3 runs: supervised baseline and fine-tune (same budget), and the distilled members."""
+    best = Config.from_dict(s2["best_config"])
+    split = cfg.tune.final_train_split or best.data.train_split
+    common = {"data.train_split": split}
+    members = {
+        "supervised": {"config": best.with_overrides({**common, "student.mode": "supervised"}).to_dict()},
+        "finetune": {"config": best.with_overrides({**common, "student.mode": "finetune"}).to_dict(),
+                     "teacher": teacher},
+    }
+    seeds = cfg.tune.final_seeds or list(range(cfg.tune.final_members))
+    for i in range(cfg.tune.final_members):
+        over = {**common, "student.mode": "distill", "student.seed": seeds[i % len(seeds)]}
+        if cfg.tune.final_backbones:
+            over["student.backbone"] = cfg.tune.final_backbones[i % len(cfg.tune.final_backbones)]
+        members[f"distill_{i}"] = {"config": best.with_overrides(over).to_dict(), "teacher": teacher}
+    return members
+
+
+def stage3(cfg: Config, ctx: dict, exp_dir: Path, s1: dict, s2: dict, classes: list[str]) -> dict:
+    from .student import export_student
+
+    record = stage_record(exp_dir, "stage3_final")
+    if record:
+        print("[stage3_final] done before", flush=True)
+        return record
+    teacher = s1["teacher"]
+    if cfg.tune.retrain_teacher_epochs:
+        teacher = retrain_teacher(cfg, ctx, exp_dir, s1, classes)
+    members = final_members(cfg, s1, s2, teacher)
+    for name, m in members.items():
+        backbone = m["config"]["student"]["backbone"]
+        if m.get("teacher") and backbone != s1["best_config"]["teacher"]["backbone"]:
+            raise ConfigError(f"tune.final_backbones: member {name} uses {backbone}, but the teacher is a "
+                              f"{s1['best_config']['teacher']['backbone']} (distillation needs the same architecture)")
+    grid = run_tune_stage("stage3_final", final_trial, {**ctx, "stage": "stage3_final", "members": members}, cfg,
+                          None, None, 1, grid=list(members))
+    models = {}
+    for result in grid:
+        name = result.config["final"]
+        if result.error:
+            raise RuntimeError(f"[stage3_final] {name} failed: {result.error}")
+        state = _latest_state(join(ctx["storage"], "stage3_final_runs", result.metrics["trial_id"]))
+        path = export_student(Config.from_dict(members[name]["config"]), state, exp_dir / f"{name}.pt", classes,
+                              members[name].get("teacher"))
+        upload(path, join(ctx["storage"], f"{name}.pt"))
+        models[name] = join(ctx["storage"], f"{name}.pt") if is_uri(ctx["storage"]) else str(path)
+    return save_stage(exp_dir, "stage3_final", {"models": models, "teacher": teacher})
+
+
+def retrain_teacher(cfg: Config, ctx: dict, exp_dir: Path, s1: dict, classes: list[str]) -> str:
+    """Stage 3 option: retrain the best teacher config for longer (a plain Train run)."""
+    from .teacher import pretrain
+
+    best = Config.from_dict(s1["best_config"]).with_overrides(
+        {"teacher.epochs": cfg.tune.retrain_teacher_epochs, "name": "teacher_long"})
+    final = pretrain(best, run_dir=exp_dir / "teacher_long", storage_path=join(ctx["storage"], "teacher_long"))
+    upload(Path(final["teacher"]), join(ctx["storage"], "teacher_long.pt"))
+    return join(ctx["storage"], "teacher_long.pt") if is_uri(ctx["storage"]) else final["teacher"]
+
+
+# ---- test evaluation and summary -------------------------------------------------------
+def evaluate_all(cfg: Config, exp_dir: Path, s1: dict, s3: dict) -> dict:
+    """The paper-shaped table on the test split (each evaluation a Ray task, GPU when present)."""
+    import ray
+
+    from .evaluate import evaluate_models, probe_teacher
+
+    record = stage_record(exp_dir, "evaluation")
+    if record:
+        return record
+    gpus = cfg.tune.eval_gpus or (1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0)
+    data = Config.from_dict(s1["best_config"]).data
+    ev = ray.remote(num_cpus=cfg.tune.driver_cpus, num_gpus=gpus)(evaluate_models)
+    pr = ray.remote(num_cpus=cfg.tune.driver_cpus, num_gpus=gpus)(probe_teacher)
+    m = s3["models"]
+    members = [m[k] for k in sorted(m) if k.startswith("distill_")]
+    jobs = {
+        "supervised": ev.remote(data, "test", [m["supervised"]], out_dir=str(exp_dir / "eval" / "supervised")),
+        "finetune": ev.remote(data, "test", [m["finetune"]], out_dir=str(exp_dir / "eval" / "finetune")),
+        "distill": ev.remote(data, "test", members[:1], out_dir=str(exp_dir / "eval" / "distill")),
+        "distill_10crop": ev.remote(data, "test", members[:1], ten_crop=True,
+                                    out_dir=str(exp_dir / "eval" / "distill_10crop")),
+        "ensemble_10crop": ev.remote(data, "test", members, ten_crop=True,
+                                     out_dir=str(exp_dir / "eval" / "ensemble_10crop")),
+    }
+    probe = pr.remote(data, s3["teacher"], splits=("val", "test"))
+    results = {k: ray.get(v) for k, v in jobs.items()}
+    probe_scores = ray.get(probe)
+    rows = [
+        ("supervised from scratch", results["supervised"]["top1"], m["supervised"]),
+        ("phase 1 + linear probe", probe_scores["test_top1"], s3["teacher"]),
+        ("phase 1 + fine-tune", results["finetune"]["top1"], m["finetune"]),
+        ("phase 1 + phase 2 (distill)", results["distill"]["top1"], members[0]),
+        ("+ 10-crop", results["distill_10crop"]["top1"], members[0]),
+        (f"+ ensemble of {len(members)} (10-crop)", results["ensemble_10crop"]["top1"], ", ".join(members)),
+    ]
+    return save_stage(exp_dir, "evaluation", {
+        "table": [{"configuration": r[0], "test_top1": r[1], "model": r[2]} for r in rows],
+        "n_test_images": results["supervised"]["n_images"], "linear_probe_val_top1": probe_scores["val_top1"]})
+
+
+def render_table(rows: list[dict]) -> str:
+    lines = ["| configuration | test top-1 (%) |", "|---|---|"]
+    lines += [f"| {r['configuration']} | {r['test_top1']:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_summary(exp_dir: Path, cfg: Config, s1: dict, s2: dict, s3: dict, ev: dict, command: str,
+                  storage: str) -> dict:
+    summary = {
+        "experiment": cfg.tune.experiment, "command": command, "storage": storage,
+        "stage1_teacher": {k: s1[k] for k in ("metric", "best_metric", "best_params", "paper_point", "teacher")},
+        "stage2_student": {k: s2[k] for k in ("metric", "best_metric", "best_params", "paper_point")},
+        "models": s3["models"], "table": ev["table"], "n_test_images": ev["n_test_images"],
+    }
+    (exp_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    md = [f"# {cfg.tune.experiment}", "", f"Command: `{command}`", "",
+          f"Test images: {ev['n_test_images']}", "", render_table(ev["table"]), "",
+          "## Best parameters", "",
+          f"- stage 1 (teacher, {s1['metric']} {s1['best_metric']:.2f}): {s1['best_params']}",
+          f"- stage 2 (student, {s2['metric']} {s2['best_metric']:.2f}): {s2['best_params']}", "",
+          "## Models", ""] + [f"- {k}: `{v}`" for k, v in {"teacher": s1["teacher"], **s3["models"]}.items()]
+    (exp_dir / "summary.md").write_text("\n".join(md) + "\n")
+    upload(exp_dir / "summary.json", join(storage, "summary.json"))
+    upload(exp_dir / "summary.md", join(storage, "summary.md"))
+    return summary
+
+
+# ---- entry point -----------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tune_margin.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (sections data/resources/teacher/student/tune)")
+    p.add_argument("--data", help="data set root; default: generate the embedded demo data")
+    p.add_argument("--storage", help="local folder or s3:// / gs:// URI for all outputs (tune.storage)")
+    p.add_argument("--name", help="experiment name (tune.experiment); re-running a name resumes it")
+    p.add_argument("--max-concurrent-trials", type=int, help="for autoscaling clusters whose nodes do not exist yet")
+    p.add_argument("--smoke", action="store_true", help="tiny trials on demo data (minutes on a laptop)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. teacher.epochs=50")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    overrides = list(SMOKE if args.smoke else [])
+    if args.storage:
+        overrides.append(f"tune.storage={args.storage}")
+    if args.name:
+        overrides.append(f"tune.experiment={args.name}")
+    if args.max_concurrent_trials is not None:
+        overrides.append(f"tune.max_concurrent_trials={args.max_concurrent_trials}")
+    if args.data:
+        overrides.append(f"data.root={args.data}")
+    return load_config(args.config, overrides + list(args.overrides))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    command = "python experiments/tune_margin.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    cfg = build_config(args)  # every config error surfaces here, before Ray starts
+    storage = cfg.tune.storage if is_uri(cfg.tune.storage) else str(Path(cfg.tune.storage).resolve())
+    exp_storage = join(storage, cfg.tune.experiment)
+    local_root = Path(cfg.tune.storage) if not is_uri(cfg.tune.storage) else Path.home() / "raypipe_experiments"
+    exp_dir = (local_root / cfg.tune.experiment).resolve()
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.data.root:
+        from .demo import make_demo_data
+        demo = exp_dir / "demo_data"
+        if not (demo / "test").is_dir():
+            make_demo_data(demo, SMOKE_DEMO if args.smoke else DEMO, size=32 if args.smoke else 64)
+        cfg = cfg.with_overrides({"data.root": str(demo)})
+    index = scan_dataset(cfg.data, ("train", "val", "test"))  # layout errors before Ray starts
+    queue_candidates(cfg, len(index["train"]))
+    cfg.dump(exp_dir / "config.yaml")
+    started = time.time()
+    engine.ensure_ray()
+    ctx = {"storage": exp_storage}
+    classes = index["train"].classes
+    s1 = stage1(cfg, ctx, exp_dir, len(index["train"]), classes)
+    s2 = stage2(cfg, ctx, exp_dir, s1)
+    s3 = stage3(cfg, ctx, exp_dir, s1, s2, classes)
+    ev = evaluate_all(cfg, exp_dir, s1, s3)
+    summary = write_summary(exp_dir, cfg, s1, s2, s3, ev, command, exp_storage)
+    print(f"\n{cfg.tune.experiment}: test top-1 on {ev['n_test_images']} images "
+          f"({time.time() - started:.0f} s this run)\n{render_table(ev['table'])}\n"
+          f"\nbest teacher params: {s1['best_params']}\nbest student params: {s2['best_params']}\n"
+          f"summary: {exp_dir / 'summary.md'}\ninspect: raypipe results {exp_dir}", flush=True)
+    return summary
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

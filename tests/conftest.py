@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny generated image sets on disk and ONE local Ray cluster per session
+(cluster start dominates test time; two clusters on one host hang Train's cleanup)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+for _k, _v in {"RAY_DEDUP_LOGS": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+               "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}.items():
+    os.environ.setdefault(_k, _v)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-50"
+TINY_CLASSES = ("circle", "square", "star", "stripes")
+
+# Small, fast settings every Ray test starts from: 16 px, ResNet-18, few images, few steps.
+TINY = ["data.resolution=16", "data.decode_size=20", "data.aug_batch_size=32", "data.cpus_per_task=0.25",
+        "resources.cpus_per_worker=0.5", "teacher.backbone=resnet18", "teacher.epochs=1",
+        "teacher.batch_size=8", "teacher.queue_size=32", "teacher.knn_k=10", "teacher.proj_hidden=64",
+        "student.backbone=resnet18", "student.epochs=1", "student.batch_size=8", "student.ce_only_epochs=0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """4 classes x (16 train, 8 val, 8 test) images of 32 px, real JPEG/PNG files."""
+    from raypipe.demo import make_demo_data
+    root = tmp_path_factory.mktemp("tiny")
+    make_demo_data(root, {"train": 16, "val": 8, "test": 8}, size=32, classes=TINY_CLASSES)
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session, 2 CPUs, dashboard on (Tune's early-stop cleanup needs it)."""
+    import ray
+    from raypipe.engine import ensure_ray
+    ensure_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def tiny_config(tiny_data, tmp_path):
+    from raypipe.config import load_config
+
+    def make(*overrides: str):
+        return load_config(overrides=[f"data.root={tiny_data}", f"output_dir={tmp_path / 'runs'}", *TINY,
+                                      *overrides])
+    return make

@@ -1,0 +1,58 @@
+import pytest
+import yaml
+
+from raypipe.config import Config, ConfigError, load_config, parse_overrides
+
+
+def test_yaml_then_overrides_then_roundtrip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"teacher": {"margin": 0.3, "epochs": 5}, "data": {"resolution": 32}}))
+    cfg = load_config(path, ["teacher.margin=0.1", "tune.margin_range=[0.0, 0.5]", "data.strict=true"])
+    assert cfg.teacher.margin == 0.1 and cfg.teacher.epochs == 5 and cfg.data.resolution == 32
+    assert cfg.data.strict is True and cfg.tune.margin_range == [0.0, 0.5]
+    # The plain dict is what Train's train_loop_config / Tune's param_space carry: it round-trips.
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("override, words", [
+    (["teacher.margn=0.3"], ["teacher.margn", "margin"]),           # unknown key lists the allowed ones
+    (["teacher.epochs=two"], ["teacher.epochs", "int"]),            # wrong type
+    (["teacher.margin=-0.1"], ["teacher.margin", ">= 0"]),           # out of range
+    (["teacher.temperature=0"], ["teacher.temperature", "> 0"]),
+    (["student.mode=teach"], ["student.mode", "distill"]),          # not a choice: names the choices
+    (["teacher.queue_size=100", "teacher.batch_size=32"], ["queue_size", "multiple", "global batch"]),
+    (["nosuchsection.x=1"], ["nosuchsection"]),
+    (["tune.margin_range=0.3"], ["tune.margin_range", "list"]),
+])
+def test_bad_values_name_the_key(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=override)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_queue_multiple_follows_worker_count():
+    load_config(overrides=["teacher.batch_size=32", "teacher.queue_size=128", "resources.num_workers=2"])
+    with pytest.raises(ConfigError, match="global batch"):
+        load_config(overrides=["teacher.batch_size=32", "teacher.queue_size=96", "resources.num_workers=2"])
+
+
+def test_unknown_key_in_yaml_names_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("teacher:\n  marginn: 0.2\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*teacher.marginn"):
+        load_config(path)
+
+
+def test_override_syntax():
+    assert parse_overrides(["a.b=1", "a.c=x", "a.d=[1, 2]"]) == {"a.b": 1, "a.c": "x", "a.d": [1, 2]}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["teacher.margin"])
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+    configs = sorted((Path(__file__).parents[1] / "experiments" / "configs").rglob("*.yaml"))
+    assert configs, "experiments/configs has no YAML files"
+    for path in configs:
+        load_config(path)

@@ -1,0 +1,219 @@
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from raypipe import data as D
+from raypipe.config import load_config
+
+
+# ---- layouts and indexing (no Ray) -------------------------------------------------------
+def test_imagefolder_classes_sorted_and_indexed(tiny_data):
+    idx = D.scan_split(tiny_data, "train")
+    assert idx.classes == sorted(idx.classes) == ["circle", "square", "star", "stripes"]
+    for path, label in zip(idx.paths, idx.labels):
+        assert Path(path).parent.name == idx.classes[label]
+    assert len(idx) == 64
+
+
+def test_vipriors_layout_with_unlabelled_test(tiny_data, tmp_path):
+    root = tmp_path / "vip"
+    shutil.copytree(tiny_data / "train", root / "train")
+    shutil.copytree(tiny_data / "val", root / "val")
+    (root / "test" / "imgs").mkdir(parents=True)
+    for i, f in enumerate(sorted((tiny_data / "test").rglob("*.jpg"))[:5]):
+        shutil.copy(f, root / "test" / "imgs" / f"{i:05d}.jpg")
+    cfg = load_config(overrides=[f"data.root={root}"]).data
+    index = D.scan_dataset(cfg, ("train", "val", "test"))
+    assert index["test"].labels == [D.UNLABELLED] * 5 and not index["test"].labelled
+    assert index["val"].classes == index["train"].classes
+
+
+def test_subsample_is_deterministic_and_per_class(tiny_data):
+    idx = D.scan_split(tiny_data, "train")
+    a, b, c = D.subsample(idx, 5, 1), D.subsample(idx, 5, 1), D.subsample(idx, 5, 2)
+    assert a.paths == b.paths and a.paths != c.paths
+    assert np.bincount(a.labels).tolist() == [5, 5, 5, 5]
+
+
+def test_parquet_round_trip(tiny_data, tmp_path):
+    counts = D.folder_to_parquet(tiny_data, tmp_path / "pq")
+    assert counts == {"test": 32, "train": 64, "val": 32}
+    folder = D.scan_split(tiny_data, "val")
+    pq = D.scan_split(tmp_path / "pq", "val", classes=folder.classes)
+    assert pq.parquet_files and pq.classes == folder.classes
+    assert sorted(zip(pq.labels, [Path(p).name for p in pq.paths])) == \
+        sorted(zip(folder.labels, [Path(p).name for p in folder.paths]))
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("missing_root", "does not exist"),
+    ("empty_split", "split 'val' is empty"),
+    ("empty_class", "without images: ['square']"),
+    ("class_mismatch", "missing ['square'], unexpected ['triangle']"),
+])
+def test_bad_layouts_fail_with_names(tiny_data, tmp_path, breakage, message):
+    root = tmp_path / "d"
+    shutil.copytree(tiny_data, root)
+    if breakage == "missing_root":
+        root = tmp_path / "nope"
+    elif breakage == "empty_split":
+        shutil.rmtree(root / "val")
+        (root / "val").mkdir()
+    elif breakage == "empty_class":
+        for f in (root / "train" / "square").iterdir():
+            f.unlink()
+    elif breakage == "class_mismatch":
+        (root / "val" / "square").rename(root / "val" / "triangle")
+    with pytest.raises(D.DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        D.scan_dataset(load_config(overrides=[f"data.root={root}"]).data, ("train", "val"))
+
+
+# ---- decoding: every odd image becomes RGB or is reported (no Ray) ------------------------
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_decode_converts_modes_to_rgb():
+    rgb = Image.new("RGB", (40, 30), (200, 10, 10))
+    cases = {
+        "grayscale": encode(Image.new("L", (40, 30), 128), "PNG"),
+        "cmyk": encode(Image.new("CMYK", (40, 30), (0, 255, 255, 0)), "JPEG"),
+        "palette_alpha": encode(Image.new("P", (40, 30), 0), "PNG", transparency=0),
+        "rgba": encode(Image.new("RGBA", (40, 30), (0, 0, 0, 0)), "PNG"),
+        "16bit": encode(Image.fromarray(np.full((30, 40), 65535, np.uint16)), "PNG"),
+        "tiny": encode(Image.new("RGB", (1, 1), (0, 255, 0)), "PNG"),
+        "rgb": encode(rgb, "JPEG"),
+    }
+    out = {k: D.decode_square(v, 24) for k, v in cases.items()}
+    for k, arr in out.items():
+        assert arr.shape == (24, 24, 3) and arr.dtype == np.uint8, k
+    assert abs(int(out["grayscale"][12, 12, 0]) - 128) <= 1
+    assert out["cmyk"][12, 12, 0] > 200 and out["cmyk"][12, 12, 1] < 60   # CMYK cyan-free = red
+    assert (out["palette_alpha"] == 255).all() and (out["rgba"] == 255).all()  # transparent -> white
+    assert (out["16bit"] == 255).all()                                    # 16-bit max -> 8-bit max
+    assert tuple(out["tiny"][0, 0]) == (0, 255, 0)
+
+
+def test_decode_applies_exif_orientation():
+    img = Image.new("RGB", (60, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 20, 20))   # white on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6                              # "rotate 90 CW to display"
+    arr = D.decode_square(encode(img, "JPEG", exif=exif.tobytes(), quality=95), 20)
+    # After rotation the image is 20 wide x 60 tall with white at the top; the centre crop is black,
+    # without EXIF handling the centre crop of the 60x20 image would also be black, so check the
+    # full resize instead: decode at a size that keeps the whole short side.
+    with Image.open(io.BytesIO(encode(img, "JPEG", exif=exif.tobytes()))) as raw:
+        upright = D.to_rgb(raw)
+    assert upright.size == (20, 60)
+    top = np.asarray(upright)[:20].mean()
+    assert top > 200 and arr.shape == (20, 20, 3)
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b"", "empty"), (b"this is not an image", "UnidentifiedImageError"),
+])
+def test_decode_batch_reports_bad_bytes(tmp_path, payload, reason):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(payload)
+    out = D._decode_batch({"path": [str(bad)], "label": [0], "idx": [0]}, 16)
+    assert reason in out["error"][0]
+
+
+def test_truncated_jpeg_is_an_error(tmp_path):
+    full = encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)), "JPEG")
+    bad = tmp_path / "cut.jpg"
+    bad.write_bytes(full[: len(full) // 2])
+    out = D._decode_batch({"path": [str(bad)], "label": [0], "idx": [0]}, 16)
+    assert "truncated" in out["error"][0].lower() or "OSError" in out["error"][0]
+
+
+# ---- transforms -------------------------------------------------------------------------------
+def uint8_batch(n=4, size=20, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_view_shapes_dtypes_ranges():
+    batch = {"img": uint8_batch(), "label": np.arange(4), "idx": np.arange(4)}
+    two = D.augment_two_views(batch, 16)
+    sup = D.augment_supervised(batch, 16, "imagenet", 0.08)
+    ev = D.eval_view(batch, 16)
+    ten = D.eval_ten_crop(batch, 16)
+    for arr in (two["view1"], two["view2"], sup["image"], ev["image"]):
+        assert arr.shape == (4, 3, 16, 16) and arr.dtype == np.uint8
+    assert ten["views"].shape == (4, 10, 3, 16, 16)
+    assert not np.array_equal(two["view1"], two["view2"])
+    x = D.normalize(torch.from_numpy(ev["image"]))
+    assert x.dtype == torch.float32 and -2.2 < x.min() and x.max() < 2.7
+
+
+def test_ten_crop_order_corners_centre_then_flips():
+    img = torch.arange(3 * 20 * 20, dtype=torch.float32).view(3, 20, 20)
+    views = D.ten_crop(img, 16)
+    assert views.shape == (10, 3, 16, 16)
+    assert torch.equal(views[0], img[:, :16, :16]) and torch.equal(views[1], img[:, :16, 4:])
+    assert torch.equal(views[2], img[:, 4:, :16]) and torch.equal(views[3], img[:, 4:, 4:])
+    assert torch.equal(views[4], img[:, 2:18, 2:18])
+    for i in range(5):
+        assert torch.equal(views[5 + i], views[i].flip(-1))
+
+
+def test_fresh_random_views_across_batches():
+    batch = {"img": uint8_batch(2), "label": np.arange(2), "idx": np.arange(2)}
+    a, b = D.augment_two_views(batch, 16), D.augment_two_views(batch, 16)
+    assert not np.array_equal(a["view1"], b["view1"])
+
+
+# ---- through Ray Data ---------------------------------------------------------------------
+def test_ray_pipeline_skips_and_reports_bad_files(ray_cluster, tiny_data, tmp_path):
+    root = tmp_path / "mixed"
+    shutil.copytree(tiny_data, root)
+    bad = {"zero.jpg": b"", "text.jpg": b"hello, not a jpeg"}
+    for name, payload in bad.items():
+        (root / "train" / "circle" / name).write_bytes(payload)
+    full = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
+    (root / "train" / "star" / "cut.jpg").write_bytes(full[: len(full) // 3])
+    cfg = load_config(overrides=[f"data.root={root}", "data.resolution=16", "data.decode_size=20"]).data
+    index = D.scan_dataset(cfg, ("train",))
+    decoded = D.decode_split(index["train"], cfg)
+    assert decoded.count == 64 and len(decoded.skipped) == 3
+    assert {Path(s["path"]).name for s in decoded.skipped} == {"zero.jpg", "text.jpg", "cut.jpg"}
+    strict = load_config(overrides=[f"data.root={root}", "data.strict=true", "data.decode_size=20"]).data
+    with pytest.raises(D.DataError, match="unreadable"):
+        D.decode_split(index["train"], strict)
+
+
+def test_ray_two_views_fresh_each_epoch_without_redecoding(ray_cluster, tiny_data):
+    cfg = load_config(overrides=[f"data.root={tiny_data}", "data.resolution=16", "data.decode_size=20"]).data
+    decoded = D.decode_split(D.scan_split(tiny_data, "val"), cfg)
+    ds = D.with_view(decoded, "moco", cfg)
+    epochs = []
+    for _ in range(2):
+        rows = {}
+        for b in ds.iter_torch_batches(batch_size=8):
+            for i, v in zip(b["idx"].tolist(), b["view1"]):
+                rows[i] = v
+        epochs.append(rows)
+    assert sorted(epochs[0]) == list(range(32)) == sorted(epochs[1])
+    same = sum(torch.equal(epochs[0][i], epochs[1][i]) for i in range(32))
+    assert same == 0, "every image must get a new random view in the next epoch"
+    # decode ran once: the view dataset reads the materialised decoded blocks
+    assert "ReadItems" not in str(ds) and "_decode_batch" not in str(ds)
+
+
+def test_parquet_source_through_ray(ray_cluster, tiny_data, tmp_path):
+    D.folder_to_parquet(tiny_data, tmp_path / "pq")
+    cfg = load_config(overrides=[f"data.root={tmp_path / 'pq'}", "data.decode_size=20", "data.per_class=3"]).data
+    index = D.scan_dataset(cfg, ("train",))
+    decoded = D.decode_split(index["train"], cfg)
+    rows = decoded.dataset.take_all()
+    assert decoded.count == 12 and sorted(r["label"] for r in rows) == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    assert rows[0]["img"].shape == (20, 20, 3)

@@ -1,0 +1,143 @@
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from raypipe.config import load_config
+from raypipe.losses import ofd_distill_loss
+from raypipe.models import MoCo, FrozenTeacher, StageTaps, Student, bn_before_stage_relu, build_backbone
+from raypipe.student import build_student, distill_weight_at
+
+
+def small_moco(queue=8, mu=0.9):
+    return MoCo("resnet18", True, proj_hidden=16, proj_dim=4, queue_size=queue, key_momentum=mu, bn_splits=2)
+
+
+def test_enqueue_wraps_and_moves_pointer():
+    m = small_moco(queue=8)
+    first, second, third = (torch.full((4, 4), float(v)) for v in (1, 2, 3))
+    m.enqueue(first)
+    assert int(m.queue_ptr) == 4 and torch.all(m.queue[:4] == 1)
+    m.enqueue(second)
+    assert int(m.queue_ptr) == 0 and torch.all(m.queue[4:] == 2)
+    m.enqueue(third)   # wraps round to the start, overwriting the oldest keys
+    assert int(m.queue_ptr) == 4 and torch.all(m.queue[:4] == 3) and torch.all(m.queue[4:] == 2)
+
+
+def test_enqueue_rejects_batch_not_dividing_queue():
+    with pytest.raises(ValueError, match="multiple"):
+        small_moco(queue=8).enqueue(torch.zeros(3, 4))
+
+
+def test_momentum_update_matches_formula_and_keys_get_no_grad():
+    m = small_moco(mu=0.9)
+    with torch.no_grad():
+        for p in m.encoder_q.parameters():
+            p.add_(1.0)
+    before_k = [p.clone() for p in m.encoder_k.parameters()]
+    q_params = [p.clone() for p in m.encoder_q.parameters()]
+    m.momentum_update()
+    for pk, k0, pq in zip(m.encoder_k.parameters(), before_k, q_params):
+        assert torch.allclose(pk, 0.9 * k0 + 0.1 * pq, atol=1e-6)
+    x = torch.randn(4, 3, 16, 16)
+    q, k = m(x, x)
+    q.sum().backward()
+    assert all(p.grad is None for p in m.encoder_k.parameters())
+    assert all(not p.requires_grad for p in m.encoder_k.parameters())
+    assert not k.requires_grad and torch.allclose(k.norm(dim=1), torch.ones(4), atol=1e-5)
+
+
+def test_single_worker_shuffle_bn_returns_keys_in_input_order():
+    m = small_moco().eval()  # eval: BN uses running stats, so shuffling must not change any key
+    x = torch.randn(6, 3, 16, 16)
+    keys = m.encode_keys(x)
+    direct = F.normalize(m.encoder_k(x), dim=1)
+    assert torch.allclose(keys, direct, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_stage_taps_give_pre_relu_outputs(arch):
+    net, _ = build_backbone(arch, small_stem=True)
+    outputs = {}
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        getattr(net, name).register_forward_hook(lambda mod, i, o, name=name: outputs.__setitem__(name, o))
+    taps = StageTaps(net)
+    net.train()
+    net(torch.randn(2, 3, 16, 16))
+    feats = taps.pop()
+    for f, name in zip(feats, ("layer1", "layer2", "layer3", "layer4")):
+        assert (f < 0).any(), "pre-ReLU features must keep negative values"
+        assert torch.allclose(F.relu(f), outputs[name])
+    chans = [bn.num_features for bn in bn_before_stage_relu(net)]
+    assert chans == [f.shape[1] for f in feats]
+
+
+def identity_connectors(student: Student) -> None:
+    for conn in student.connectors:
+        conv, bn = conn
+        nn.init.zeros_(conv.weight)
+        conv.weight.data[:, :, 0, 0] = torch.eye(conv.weight.shape[0])
+        bn.eval()
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1 - bn.eps)
+
+
+def test_distill_term_zero_for_identical_student_and_grows_when_perturbed():
+    cfg = load_config(overrides=["student.backbone=resnet18"])
+    teacher_net, _ = build_backbone("resnet18", True)
+    state = teacher_net.state_dict()
+    student, teacher = build_student(cfg, 4, state)
+    identity_connectors(student)
+    student.net.eval()
+    teacher.bn_train_mode = False
+    teacher.eval()
+    x = torch.randn(3, 3, 16, 16)
+    _, feats = student(x)
+    assert ofd_distill_loss(feats, teacher(x), teacher.margins).item() == pytest.approx(0.0, abs=1e-3)
+    with torch.no_grad():
+        for p in student.net.layer4.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    _, feats = student(x)
+    assert ofd_distill_loss(feats, teacher(x), teacher.margins).item() > 1.0
+
+
+def test_student_starts_from_teacher_and_teacher_stays_frozen():
+    cfg = load_config(overrides=["student.backbone=resnet18", "student.mode=distill"])
+    teacher_net, _ = build_backbone("resnet18", True)
+    state = {k: v.clone() for k, v in teacher_net.state_dict().items()}
+    student, teacher = build_student(cfg, 4, state)
+    for k, v in teacher.net.state_dict().items():
+        if k.startswith("fc"):
+            continue
+        assert torch.equal(student.net.state_dict()[k], v), k
+    assert student.net is not teacher.net
+    assert not any(p.requires_grad for p in teacher.parameters())
+    params_before = {k: p.clone() for k, p in teacher.named_parameters()}
+    opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.1)
+    student.train()
+    teacher.train()
+    for _ in range(3):
+        x = torch.randn(4, 3, 16, 16)
+        logits, feats = student(x)
+        loss = F.cross_entropy(logits, torch.tensor([0, 1, 2, 3])) + 1e-4 * ofd_distill_loss(feats, teacher(x), teacher.margins)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for k, p in teacher.named_parameters():
+        assert torch.equal(p, params_before[k]), k
+    assert not torch.equal(student.net.layer1[0].conv1.weight, params_before["net.layer1.0.conv1.weight"])
+
+
+def test_teacher_bn_mode_switch():
+    net, _ = build_backbone("resnet18", True)
+    assert FrozenTeacher(copy.deepcopy(net), bn_train_mode=True).train().net.layer1[0].bn1.training
+    assert not FrozenTeacher(copy.deepcopy(net), bn_train_mode=False).train().net.layer1[0].bn1.training
+
+
+def test_ce_only_warmup_zeroes_lambda():
+    cfg = load_config(overrides=["student.ce_only_epochs=3", "student.distill_weight=0.01"])
+    assert [distill_weight_at(cfg, e) for e in range(5)] == [0, 0, 0, 0.01, 0.01]
+    sup = cfg.with_overrides({"student.mode": "finetune"})
+    assert distill_weight_at(sup, 10) == 0.0
