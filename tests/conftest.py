@@ -35,7 +35,8 @@ def ray_cluster():
     """One local Ray for the whole session, 2 CPUs, dashboard on (Tune's early-stop cleanup needs it)."""
     import ray
     from raypipe.engine import ensure_ray
-    ensure_ray(num_cpus=2)
+    # workers import helpers defined in test modules (e.g. a custom train loop) from tests/
+    ensure_ray(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
     yield ray
     ray.shutdown()
 
@@ -48,3 +49,14 @@ def tiny_config(tiny_data, tmp_path):
         return load_config(overrides=[f"data.root={tiny_data}", f"output_dir={tmp_path / 'runs'}", *TINY,
                                       *overrides])
     return make
+
+
+@pytest.fixture(scope="session")
+def trained_teacher(ray_cluster, tiny_data, tmp_path_factory) -> Path:
+    """A 1-epoch phase-1 teacher (Train local mode) shared by the phase-2 and evaluation tests."""
+    from raypipe.config import load_config
+    from raypipe.teacher import pretrain
+    out = tmp_path_factory.mktemp("teacher_runs")
+    cfg = load_config(overrides=[f"data.root={tiny_data}", f"output_dir={out}", *TINY, "name=teacher",
+                                 "resources.num_workers=0"])
+    return Path(pretrain(cfg)["teacher"])

@@ -1,0 +1,51 @@
+"""Phase 2 on real Ray Train: a 2-epoch distill run from a 1-epoch teacher, 2 CPU workers."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from raypipe.config import ConfigError
+from raypipe.engine import CheckpointError
+from raypipe.student import check_teacher, load_classifier, train_student
+
+
+@pytest.mark.slow
+def test_distill_two_workers_end_to_end(ray_cluster, tiny_config, trained_teacher, tmp_path):
+    cfg = tiny_config("name=student", "resources.num_workers=2", "student.epochs=2", "student.ce_only_epochs=1",
+                      "student.mode=distill")
+    final = train_student(cfg, trained_teacher)
+    run = tmp_path / "runs" / "student"
+    for name in ("config.yaml", "metrics.csv", "metrics.json", "student.pt", "data_report.json"):
+        assert (run / name).is_file(), name
+    history = pd.read_csv(run / "metrics.csv")
+    assert history["epoch"].tolist() == [0, 1] and (history["world_size"] == 2).all()
+    # CE-only warm-up: no distillation in epoch 0, then lambda * distill is part of the loss
+    assert history.loc[0, "distill_weight"] == 0 and history.loc[1, "distill_weight"] == cfg.student.distill_weight
+    assert history.loc[1, "distill"] > 0
+    # every val image counted exactly once across the two workers
+    assert (history["n_val"] == 32).all()
+    net, payload = load_classifier(final["model"])
+    assert payload["classes"] == ["circle", "square", "star", "stripes"] and payload["mode"] == "distill"
+    assert net(torch.zeros(1, 3, 16, 16)).shape == (1, 4)
+    assert json.loads((run / "metrics.json").read_text())["best_val_top1"] >= 0
+
+
+def test_teacher_checks_before_training(tiny_config, trained_teacher, tmp_path):
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        check_teacher(tiny_config("student.mode=distill"), None)
+    with pytest.raises(CheckpointError, match="not found"):
+        check_teacher(tiny_config(), tmp_path / "missing.pt")
+    with pytest.raises(ConfigError, match="resnet18.*student.backbone=resnet34"):
+        check_teacher(tiny_config("student.backbone=resnet34"), trained_teacher)
+    torn = tmp_path / "torn.pt"
+    torn.write_bytes(trained_teacher.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="unreadable"):
+        check_teacher(tiny_config(), torn)
+    payload = torch.load(trained_teacher, weights_only=False)
+    payload["version"] = 99
+    newer = tmp_path / "newer.pt"
+    torch.save(payload, newer)
+    with pytest.raises(CheckpointError, match="format version 99"):
+        check_teacher(tiny_config(), newer)
+    assert check_teacher(tiny_config("student.mode=supervised"), None) is None
