@@ -38,6 +38,7 @@ class Runtime:
     channels_last: bool
     world_size: int
     rank: int
+    num_nodes: int = 1
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -69,7 +70,17 @@ def make_runtime(res: ResourcesConfig, seed: int) -> Runtime:
     torch.manual_seed(seed + rank)
     if gpu:
         torch.backends.cudnn.benchmark = True
-    return Runtime(device, amp, gpu and res.channels_last, dist.world_size(), rank)
+    return Runtime(device, amp, gpu and res.channels_last, dist.world_size(), rank, count_nodes())
+
+
+def count_nodes() -> int:
+    """Distinct Ray nodes the workers of this run are on (1 outside Ray)."""
+    try:
+        import ray
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    except Exception:
+        node = "local"
+    return len(set(dist.all_gather_objects(node)))
 
 
 def wrap_ddp(module: nn.Module, rt: Runtime) -> nn.Module:
@@ -314,8 +325,25 @@ def save_model_file(path: Path, kind: str, state_dict: dict, cfg: Config, extra:
     return path
 
 
+def local_copy(uri: str) -> Path:
+    """A storage URI (s3://, gs://, ...) -> a local temporary copy; local paths pass through."""
+    if "://" not in str(uri):
+        return Path(uri)
+    import pyarrow.fs as pafs
+
+    try:
+        fs, remote = pafs.FileSystem.from_uri(str(uri))
+        local = Path(tempfile.mkdtemp(prefix="raypipe-model-")) / Path(remote).name
+        with fs.open_input_stream(remote) as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    except Exception as exc:
+        raise CheckpointError(f"model file not found or unreadable: {uri}: {exc}") from exc
+    return local
+
+
 def load_model_file(path: str | Path, kind: str | None = None) -> dict:
-    path = Path(path)
+    """Read an exported model (local path or storage URI), checking format, version and kind."""
+    path = local_copy(str(path))
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}")
     try:

@@ -146,7 +146,7 @@ def train_loop(loop_config: dict) -> None:
         metrics = {"epoch": epoch, "loss": sums[0].item() / steps, "ce": sums[1].item() / steps,
                    "distill": sums[2].item() / steps, "distill_weight": weight, "val_top1": top1,
                    "val_top5": top5, "n_val": n_val, "lr": lr, "images_per_s": speed.rate(rt.world_size),
-                   "start_epoch": start_epoch, "world_size": rt.world_size}
+                   "start_epoch": start_epoch, "world_size": rt.world_size, "nodes": rt.num_nodes}
         history.append(metrics)
         state = None
         if engine.want_checkpoint(epoch, s.epochs, cfg.resources.checkpoint_every):

@@ -84,7 +84,7 @@ def train_loop(loop_config: dict) -> None:
         metrics = {"epoch": epoch, "loss": sums[0].item() / steps, "pos_sim": sums[1].item() / steps,
                    "neg_sim": sums[2].item() / steps, "lr": lr, "images_per_s": speed.rate(rt.world_size),
                    "steps": int(steps / rt.world_size), "knn_top1": None,
-                   "start_epoch": start_epoch, "world_size": rt.world_size}
+                   "start_epoch": start_epoch, "world_size": rt.world_size, "nodes": rt.num_nodes}
         last = epoch + 1 == t.epochs
         if (epoch + 1) % t.knn_every == 0 or last:
             metrics["knn_top1"] = knn_monitor(model, rt, cfg, meta["num_classes"])
