@@ -7,7 +7,9 @@ Cluster:  ray submit cluster.yaml experiments/tune_margin.py -- --data /mnt/data
 This file is self-contained on purpose: `ray submit` copies only it to the head node, where
 the installed `raypipe` package does the work. Run with --help for all options.
 """
-from raypipe.tune import main
+import sys
+
+from raypipe.tune import cli_main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli_main())

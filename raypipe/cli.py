@@ -90,11 +90,6 @@ def cmd_results(args) -> None:
     show_results(args.experiment, args.out)
 
 
-def cmd_tune(args) -> None:
-    from .tune import main as tune_main
-    tune_main(args.rest)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raypipe", description="Distilling visual priors from self-supervised "
                                 "learning (MoCo v2 + margin, OFD self-distillation) on Ray.")
@@ -163,13 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="folder for the PNG plots (default EXPERIMENT/plots)")
     s.set_defaults(fn=cmd_results)
 
-    s = sub.add_parser("tune", help="the main job (same as experiments/tune_margin.py)", add_help=False)
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(fn=cmd_tune)
+    sub.add_parser("tune", help="the main job (same as experiments/tune_margin.py; `raypipe tune --help`)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tune"]:  # hand every remaining argument (--help included) to the main job
+        from .tune import cli_main
+        return cli_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)

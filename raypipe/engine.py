@@ -3,12 +3,15 @@ evaluation reduction and the run-folder contract. Phase modules only hold their 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from . import dist
-from .config import Config, OptimConfig, ResourcesConfig
+from .config import Config, ConfigError, OptimConfig, ResourcesConfig
 
 STATE_FILE = "state.pt"
 MODEL_FORMAT = "raypipe-model"
@@ -146,14 +149,42 @@ def set_rng_state(state: dict) -> None:
 
 
 def load_resume_state() -> dict | None:
-    """The newest checkpoint Ray Train hands this worker (after a failure or a re-run), or None."""
+    """The newest readable checkpoint of this run (after a failure or a re-run), or None.
+
+    Ray Train hands over its latest checkpoint; if that file is torn (a write interrupted half
+    way), the previous complete checkpoint in the same storage folder is used instead.
+    """
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
-    with ckpt.as_directory() as folder:
-        return load_state_file(Path(folder) / STATE_FILE)
+    try:
+        with ckpt.as_directory() as folder:
+            return load_state_file(Path(folder) / STATE_FILE)
+    except CheckpointError as exc:
+        for older in _older_checkpoints(ckpt):
+            try:
+                with older.as_directory() as folder:
+                    state = load_state_file(Path(folder) / STATE_FILE)
+                print(f"WARNING: {exc}; resuming from the previous checkpoint {older.path} instead", flush=True)
+                return state
+            except CheckpointError:
+                continue
+        raise CheckpointError(f"{exc}; no older complete checkpoint next to it to fall back to") from exc
+
+
+def _older_checkpoints(ckpt) -> list:
+    """Sibling ``checkpoint_*`` folders of a Train checkpoint, newest first, excluding it."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    parent = ckpt.path.rstrip("/").rsplit("/", 1)[0]
+    infos = ckpt.filesystem.get_file_info(pafs.FileSelector(parent))
+    folders = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                      and i.base_name.startswith("checkpoint_") and i.path.rstrip("/") != ckpt.path.rstrip("/")),
+                     reverse=True)
+    return [Checkpoint(path=f, filesystem=ckpt.filesystem) for f in folders]
 
 
 def load_state_file(path: Path) -> dict:
@@ -242,12 +273,18 @@ def check_cluster_can_fit(res: ResourcesConfig, use_gpu: bool) -> None:
     need_cpu = res.num_workers * res.cpus_per_worker
     need_gpu = res.num_workers * res.gpus_per_worker if use_gpu else 0
     if need_cpu > total.get("CPU", 0) + 1e-6 or need_gpu > total.get("GPU", 0) + 1e-6:
-        raise ValueError(
+        raise ConfigError(
             f"resources.num_workers={res.num_workers} x (CPU {res.cpus_per_worker}, GPU "
             f"{res.gpus_per_worker if use_gpu else 0}) needs CPU {need_cpu:g} / GPU {need_gpu:g}; the Ray "
             f"cluster has CPU {total.get('CPU', 0):g} / GPU {total.get('GPU', 0):g}. Lower "
             f"resources.num_workers or resources.cpus_per_worker (set RAYPIPE_AUTOSCALING=1 on an "
             f"autoscaling cluster)")
+
+
+def preflight(cfg: Config) -> None:
+    """Connect to Ray and check the workers can ever be placed: before data or trainers ask."""
+    ensure_ray()
+    check_cluster_can_fit(cfg.resources, resolve_use_gpu(cfg.resources))
 
 
 def run_trainer(train_fn: Callable, cfg: Config, loop_config: dict, datasets: dict, run_dir: Path,
@@ -276,7 +313,17 @@ def run_trainer(train_fn: Callable, cfg: Config, loop_config: dict, datasets: di
     trainer = TorchTrainer(train_fn, train_loop_config=loop_config, scaling_config=scaling,
                            run_config=run_config, datasets=datasets,
                            dataset_config=DataConfig(datasets_to_split=["train"]))
-    return trainer.fit()
+    # fit() installs a SIGINT handler that holds the Train controller's handle, which keeps the
+    # controller and its dataset actors alive after the run; restoring the handler frees them.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    try:
+        return trainer.fit()
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+        del trainer
+        gc.collect()
 
 
 def final_state(result) -> dict:

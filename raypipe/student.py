@@ -183,7 +183,7 @@ def train_student(cfg: Config, teacher_path: str | Path | None = None, run_dir: 
         print(f"note: teacher was pre-trained on classes {payload['classes'][:5]}...; "
               f"student classes come from {cfg.data.root}", flush=True)
     run_dir = engine.prepare_run_dir(cfg, run_dir)
-    engine.ensure_ray()
+    engine.preflight(cfg)  # cluster can host the workers: checked before data is read
     decoded = {s: decode_split(index[s], cfg.data) for s in ("train", "val")}
     skipped = engine.write_data_report(run_dir, decoded)
     s = cfg.student

@@ -120,12 +120,14 @@ def pretrain(cfg: Config, run_dir: Path | None = None, callbacks: list | None = 
 
     index = scan_dataset(cfg.data, ("train", "val"))  # layout errors before any Ray resource
     t = cfg.teacher
-    if t.queue_size > len(index["train"]):
-        raise ConfigError(f"teacher.queue_size={t.queue_size} exceeds the {len(index['train'])} training images: "
-                          f"the queue would hold stale duplicate keys; use at most "
-                          f"{len(index['train']) // (t.batch_size * max(1, cfg.resources.num_workers)) * t.batch_size * max(1, cfg.resources.num_workers)}")
+    n_images, global_batch = len(index["train"]), t.batch_size * max(1, cfg.resources.num_workers)
+    if t.queue_size > n_images:
+        fit = n_images // global_batch * global_batch
+        hint = f"use at most {fit}" if fit else f"the global batch {global_batch} alone exceeds the data"
+        raise ConfigError(f"teacher.queue_size={t.queue_size} exceeds the {n_images} training images "
+                          f"(the queue would hold stale duplicate keys); {hint}")
     run_dir = engine.prepare_run_dir(cfg, run_dir)
-    engine.ensure_ray()
+    engine.preflight(cfg)  # cluster can host the workers: checked before data is read
     decoded = {s: decode_split(index[s], cfg.data) for s in ("train", "val")}
     skipped = engine.write_data_report(run_dir, decoded)
     n_train = decoded["train"].count

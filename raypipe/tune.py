@@ -484,5 +484,16 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def cli_main(argv: list[str] | None = None) -> int:
+    """``main`` with bad input reported as one line (exit 2) instead of a traceback."""
+    from .data import DataError
+    try:
+        main(argv)
+    except (ConfigError, DataError, engine.CheckpointError, FileNotFoundError) as exc:
+        print(f"tune_margin: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    sys.exit(cli_main())

@@ -1,0 +1,125 @@
+"""Fault injection on real Ray: killed workers, torn checkpoints, bad images, bad configs, and
+no placement group or actor of a run left behind afterwards."""
+import io
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from raypipe.config import ConfigError
+from raypipe.teacher import pretrain
+
+
+def leftovers():
+    """Placement groups and Train actors still alive in the cluster."""
+    from ray.util.state import list_actors, list_placement_groups
+    pgs = [p for p in list_placement_groups(limit=1000) if p.state in ("CREATED", "PENDING", "RESCHEDULING")]
+    actors = [a for a in list_actors(limit=1000, filters=[("state", "=", "ALIVE")])
+              if a.class_name in ("RayTrainWorker", "TrainController")]
+    return pgs, actors
+
+
+def assert_clean(timeout=30.0):
+    deadline = time.time() + timeout
+    while True:
+        pgs, actors = leftovers()
+        if not pgs and not actors:
+            return
+        if time.time() > deadline:
+            raise AssertionError(f"left behind: placement groups {pgs}, actors {actors}")
+        time.sleep(1)
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_from_last_checkpoint(ray_cluster, tiny_config, tmp_path):
+    from ray.util.state import list_actors
+    cfg = tiny_config("name=kill", "resources.num_workers=2", "resources.max_failures=2", "teacher.epochs=4",
+                      "teacher.queue_size=32")
+    out = {}
+    runner = threading.Thread(target=lambda: out.update(final=pretrain(cfg)), daemon=True)
+    runner.start()
+    storage = tmp_path / "runs" / "kill" / "train"
+    deadline = time.time() + 300
+    while not list(storage.glob("checkpoint_*/state.pt")):
+        assert time.time() < deadline and runner.is_alive(), "no checkpoint was written"
+        time.sleep(0.5)
+    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    assert len(workers) == 2
+    os.kill(int(workers[1].pid), signal.SIGKILL)   # one worker dies mid-run
+    runner.join(timeout=400)
+    assert "final" in out, "the run did not finish after the worker was killed"
+    history = pd.read_csv(tmp_path / "runs" / "kill" / "metrics.csv")
+    assert history["epoch"].tolist() == [0, 1, 2, 3]              # continuous, none lost or repeated
+    assert history["start_epoch"].max() > 0                        # a restart resumed from a checkpoint
+    restarted_at = int(history["start_epoch"].max())
+    assert (history.loc[history.epoch < restarted_at, "start_epoch"] == 0).all()
+    assert out["final"]["epochs"] == 4 and np.isfinite(out["final"]["loss"])
+    assert_clean()
+
+
+def test_torn_newest_checkpoint_falls_back_to_previous(ray_cluster, tiny_config, tmp_path, capfd):
+    cfg = tiny_config("name=torn", "resources.num_workers=1", "teacher.epochs=2", "resources.keep_checkpoints=3")
+    pretrain(cfg)
+    ckpts = sorted(p for p in (tmp_path / "runs" / "torn" / "train").glob("checkpoint_*") if p.is_dir())
+    assert len(ckpts) == 2
+    newest = ckpts[-1] / "state.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])   # interrupted write
+    final = pretrain(cfg.with_overrides({"teacher.epochs": 3}))
+    history = pd.read_csv(tmp_path / "runs" / "torn" / "metrics.csv")
+    assert history["epoch"].tolist() == [0, 1, 2]
+    assert history["start_epoch"].tolist() == [0, 1, 1]          # epoch 1 recomputed from epoch 0's state
+    assert final["epochs"] == 3
+    assert "resuming from the previous checkpoint" in capfd.readouterr().out
+    assert_clean()
+
+
+def _encode(img, fmt, **kw):
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_bad_images_are_converted_or_skipped_and_counted(ray_cluster, tiny_config, tiny_data, tmp_path):
+    root = tmp_path / "mixed"
+    shutil.copytree(tiny_data, root)
+    folder = root / "train" / "circle"
+    rng = np.random.default_rng(0)
+    good_jpeg = _encode(Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)), "JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files = {
+        "zero.jpg": b"", "truncated.jpg": good_jpeg[: len(good_jpeg) // 3], "text.jpg": b"not an image at all",
+        "one_pixel.png": _encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"),
+        "huge.jpg": _encode(Image.new("RGB", (8000, 8000), (30, 60, 90)), "JPEG", quality=50),
+        "sixteen_bit.png": _encode(Image.fromarray(rng.integers(0, 65535, (40, 40), np.uint16)), "PNG"),
+        "cmyk.jpg": _encode(Image.new("CMYK", (40, 40), (10, 20, 30, 0)), "JPEG"),
+        "palette_alpha.png": _encode(Image.new("P", (40, 40), 3), "PNG", transparency=3),
+        "gray.png": _encode(Image.new("L", (40, 40), 77), "PNG"),
+        "exif_rotated.jpg": _encode(Image.new("RGB", (60, 20), (200, 0, 0)), "JPEG", exif=exif.tobytes()),
+    }
+    for name, payload in files.items():
+        (folder / name).write_bytes(payload)
+    cfg = tiny_config(f"data.root={root}", "name=bad", "resources.num_workers=0")
+    final = pretrain(cfg)
+    report = json.loads((tmp_path / "runs" / "bad" / "data_report.json").read_text())
+    skipped = {Path(s["path"]).name for s in report["train"]["skipped_files"]}
+    assert skipped == {"zero.jpg", "truncated.jpg", "text.jpg"}
+    assert report["train"]["images"] == 64 + 7 and final["skipped_images"] == 3
+    assert json.loads((tmp_path / "runs" / "bad" / "metrics.json").read_text())["skipped_images"] == 3
+
+
+def test_impossible_worker_count_fails_before_any_resource_is_asked(ray_cluster, tiny_config):
+    cfg = tiny_config("name=toomany", "resources.num_workers=64", "teacher.batch_size=1", "teacher.queue_size=64")
+    started = time.time()
+    with pytest.raises(ConfigError, match="num_workers=64.*cluster has CPU 2"):
+        pretrain(cfg)
+    assert time.time() - started < 20
+    assert_clean(timeout=5)
