@@ -31,6 +31,13 @@ SMOKE = [  # tiny trials on demo data: the whole job in a few minutes on 2 cores
     "student.ce_only_epochs=1", "tune.teacher_trials=2", "tune.student_trials=2", "tune.grace_period=1",
     "tune.final_members=2",
 ]
+LAPTOP = [  # no --data/--config: a demo-sized search that fits a laptop CPU (about an hour)
+    "data.resolution=32", "data.decode_size=36", "resources.num_workers=1",
+    "teacher.epochs=30", "teacher.batch_size=32", "teacher.lr=0.06", "teacher.knn_k=50", "teacher.proj_hidden=512",
+    "student.epochs=30", "student.batch_size=32", "student.lr=0.05", "student.schedule=cosine",
+    "student.ce_only_epochs=2", "student.crop_min_scale=0.35",
+    "tune.teacher_trials=4", "tune.student_trials=3", "tune.grace_period=5",
+]
 SMOKE_DEMO = {"train": 16, "val": 8, "test": 8}
 DEMO = {"train": 50, "val": 20, "test": 20}
 
@@ -439,6 +446,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> Config:
     overrides = list(SMOKE if args.smoke else [])
+    if not (args.smoke or args.data or args.config):
+        overrides = list(LAPTOP)
     if args.storage:
         overrides.append(f"tune.storage={args.storage}")
     if args.name:
