@@ -138,6 +138,65 @@ def optimizer_step(loss: torch.Tensor, optimizer, scaler, params, grad_clip: flo
     scaler.update()
 
 
+class Loop:
+    """The training loop's state both phases share: DDP wrapper, SGD, scaler, LR schedule,
+    resume and the per-epoch report/checkpoint. A phase only writes its own step."""
+
+    def __init__(self, model: nn.Module, opt: OptimConfig, cfg: Config, rt: Runtime, n_train: int,
+                 local_checkpoint_dir: str | None = None):
+        import ray.train
+
+        self.model, self.opt, self.cfg, self.rt = model, opt, cfg, rt
+        self.local_checkpoint_dir = local_checkpoint_dir
+        resume = load_resume_state()
+        if resume:
+            model.load_state_dict(resume["model"])
+        self.net = wrap_ddp(model, rt)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.base_lr = scaled_lr(opt, rt.world_size)
+        self.optimizer = make_sgd(self.params, opt, self.base_lr)
+        self.scaler = rt.scaler()
+        self.start_epoch, self.history = 0, []
+        if resume:
+            self.optimizer.load_state_dict(resume["optimizer"])
+            self.scaler.load_state_dict(resume["scaler"])
+            set_rng_state(resume["rng"][min(rt.rank, len(resume["rng"]) - 1)])
+            self.start_epoch, self.history = resume["epoch"] + 1, resume["history"]
+        self.steps_per_epoch = max(1, n_train // (opt.batch_size * rt.world_size))
+        self.shard = ray.train.get_dataset_shard("train")
+        self.lr = self.base_lr
+
+    def epochs(self) -> range:
+        return range(self.start_epoch, self.opt.epochs)
+
+    def batches(self, epoch: int):
+        """This worker's training batches of one epoch; the LR follows the schedule per step."""
+        for step, batch in enumerate(self.shard.iter_torch_batches(
+                batch_size=self.opt.batch_size, drop_last=True,
+                local_shuffle_buffer_size=self.cfg.data.shuffle_buffer or None)):
+            self.lr = lr_at(self.opt, self.base_lr, epoch + step / self.steps_per_epoch)
+            set_lr(self.optimizer, self.lr)
+            yield batch
+
+    def step(self, loss: torch.Tensor) -> None:
+        optimizer_step(loss, self.optimizer, self.scaler, self.params, self.opt.grad_clip)
+
+    def end_epoch(self, phase: str, epoch: int, metrics: dict, print_keys: tuple[str, ...]) -> None:
+        """Add the common metrics, keep the history, checkpoint when due, print, report."""
+        rt = self.rt
+        metrics.update({"epoch": epoch, "lr": self.lr, "start_epoch": self.start_epoch,
+                        "world_size": rt.world_size, "nodes": rt.num_nodes})
+        self.history.append(metrics)
+        state = None
+        if want_checkpoint(epoch, self.opt.epochs, self.cfg.resources.checkpoint_every):
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scaler": self.scaler.state_dict(), "epoch": epoch, "history": self.history,
+                     "rng": dist.all_gather_objects(rng_state()), "world_size": rt.world_size}
+        if rt.is_main:
+            print_epoch(phase, metrics, print_keys)
+        report_epoch(metrics, state, rt, self.local_checkpoint_dir)
+
+
 def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 

@@ -86,39 +86,19 @@ def train_loop(loop_config: dict) -> None:
     rt = engine.make_runtime(cfg.resources, s.seed)
     teacher_state = ray.get(meta["teacher_ref"]) if meta.get("teacher_ref") is not None else None
     student, teacher = build_student(cfg, meta["num_classes"], teacher_state)
-    resume = engine.load_resume_state()
-    if resume:
-        student.load_state_dict(resume["model"])
     if teacher is not None:  # frozen: moved to the device, never wrapped in DDP
         teacher.to(rt.device)
         if rt.channels_last:
             teacher.to(memory_format=torch.channels_last)
-    net = engine.wrap_ddp(student, rt)
-    params = [p for p in student.parameters() if p.requires_grad]
-    base_lr = engine.scaled_lr(s, rt.world_size)
-    optimizer = engine.make_sgd(params, s, base_lr)
-    scaler = rt.scaler()
-    start_epoch, history = 0, []
-    if resume:
-        optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
-        engine.set_rng_state(resume["rng"][min(rt.rank, len(resume["rng"]) - 1)])
-        start_epoch, history = resume["epoch"] + 1, resume["history"]
-    steps_per_epoch = max(1, meta["n_train"] // (s.batch_size * rt.world_size))
-    shard = ray.train.get_dataset_shard("train")
-    for epoch in range(start_epoch, s.epochs):
+    loop = engine.Loop(student, s, cfg, rt, meta["n_train"], loop_config.get("local_checkpoint_dir"))
+    for epoch in loop.epochs():
         student.train()
         if teacher is not None:
             teacher.train()
         weight = distill_weight_at(cfg, epoch)
         speed = engine.Throughput()
         sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, distill, steps
-        lr = base_lr
-        batches = shard.iter_torch_batches(batch_size=s.batch_size, drop_last=True,
-                                           local_shuffle_buffer_size=cfg.data.shuffle_buffer or None)
-        for step, batch in enumerate(batches):
-            lr = engine.lr_at(s, base_lr, epoch + step / steps_per_epoch)
-            engine.set_lr(optimizer, lr)
+        for batch in loop.batches(epoch):
             x = normalize(batch["image"].to(rt.device), rt.channels_last)
             y = batch["label"].to(rt.device)
             mix, y2 = 1.0, y
@@ -127,7 +107,7 @@ def train_loop(loop_config: dict) -> None:
                 perm = torch.randperm(x.shape[0], device=x.device)
                 x, y2 = mix * x + (1 - mix) * x[perm], y[perm]
             with rt.autocast():
-                logits, feats = net(x)
+                logits, feats = loop.net(x)
                 ce = mix * F.cross_entropy(logits.float(), y, label_smoothing=s.label_smoothing)
                 if mix < 1.0:
                     ce = ce + (1 - mix) * F.cross_entropy(logits.float(), y2, label_smoothing=s.label_smoothing)
@@ -136,26 +116,17 @@ def train_loop(loop_config: dict) -> None:
                 else:  # keeps connectors in the graph (DDP) at zero cost to the gradient
                     distill = sum((f.float().sum() for f in feats), torch.zeros((), device=x.device)) * 0.0
             loss = ce + weight * distill
-            engine.optimizer_step(loss, optimizer, scaler, params, s.grad_clip)
+            loop.step(loss)
             sums += torch.tensor([loss.item(), ce.item(), distill.item(), 1.0], dtype=torch.float64)
             speed.add(x.shape[0])
         dist.all_reduce_sum(sums)
         steps = max(1.0, sums[3].item())
         top1, top5, n_val = validate_top(student, rt, ray.train.get_dataset_shard("val").iter_torch_batches(
             batch_size=s.batch_size))
-        metrics = {"epoch": epoch, "loss": sums[0].item() / steps, "ce": sums[1].item() / steps,
+        metrics = {"loss": sums[0].item() / steps, "ce": sums[1].item() / steps,
                    "distill": sums[2].item() / steps, "distill_weight": weight, "val_top1": top1,
-                   "val_top5": top5, "n_val": n_val, "lr": lr, "images_per_s": speed.rate(rt.world_size),
-                   "start_epoch": start_epoch, "world_size": rt.world_size, "nodes": rt.num_nodes}
-        history.append(metrics)
-        state = None
-        if engine.want_checkpoint(epoch, s.epochs, cfg.resources.checkpoint_every):
-            state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch, "history": history,
-                     "rng": dist.all_gather_objects(engine.rng_state()), "world_size": rt.world_size}
-        if rt.is_main:
-            engine.print_epoch(s.mode, metrics, EPOCH_KEYS)
-        engine.report_epoch(metrics, state, rt, loop_config.get("local_checkpoint_dir"))
+                   "val_top5": top5, "n_val": n_val, "images_per_s": speed.rate(rt.world_size)}
+        loop.end_epoch(s.mode, epoch, metrics, EPOCH_KEYS)
 
 
 def export_student(cfg: Config, state: dict, path: Path, classes: list[str], teacher_path=None) -> Path:

@@ -37,68 +37,34 @@ def knn_monitor(model: MoCo, rt: engine.Runtime, cfg: Config, num_classes: int) 
 
 def train_loop(loop_config: dict) -> None:
     """Runs on every Train worker."""
-    import ray.train
-
     cfg, meta = Config.from_dict(loop_config["cfg"]), loop_config["meta"]
     t = cfg.teacher
     rt = engine.make_runtime(cfg.resources, t.seed)
     model = build_model(cfg)
-    resume = engine.load_resume_state()
-    if resume:
-        model.load_state_dict(resume["model"])
-    net = engine.wrap_ddp(model, rt)
-    params = [p for p in model.parameters() if p.requires_grad]
-    base_lr = engine.scaled_lr(t, rt.world_size)
-    optimizer = engine.make_sgd(params, t, base_lr)
-    scaler = rt.scaler()
-    start_epoch, history = 0, []
-    if resume:
-        optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
-        engine.set_rng_state(resume["rng"][min(rt.rank, len(resume["rng"]) - 1)])
-        start_epoch, history = resume["epoch"] + 1, resume["history"]
-    steps_per_epoch = max(1, meta["n_train"] // (t.batch_size * rt.world_size))
-    shard = ray.train.get_dataset_shard("train")
-    for epoch in range(start_epoch, t.epochs):
+    loop = engine.Loop(model, t, cfg, rt, meta["n_train"], loop_config.get("local_checkpoint_dir"))
+    for epoch in loop.epochs():
         model.train()
         speed = engine.Throughput()
         sums = torch.zeros(4, dtype=torch.float64)  # loss, pos, neg, steps
-        lr = base_lr
-        batches = shard.iter_torch_batches(batch_size=t.batch_size, drop_last=True,
-                                           local_shuffle_buffer_size=cfg.data.shuffle_buffer or None)
-        for step, batch in enumerate(batches):
-            lr = engine.lr_at(t, base_lr, epoch + step / steps_per_epoch)
-            engine.set_lr(optimizer, lr)
+        for batch in loop.batches(epoch):
             im_q = normalize(batch["view1"].to(rt.device), rt.channels_last)
             im_k = normalize(batch["view2"].to(rt.device), rt.channels_last)
             with rt.autocast():
-                q, k = net(im_q, im_k)
+                q, k = loop.net(im_q, im_k)
             l_pos, l_neg = contrastive_logits(q.float(), k.float(), model.queue.clone().detach())
             loss = margin_nce_loss(l_pos, l_neg, t.margin, t.temperature)
-            engine.optimizer_step(loss, optimizer, scaler, params, t.grad_clip)
+            loop.step(loss)
             model.enqueue(dist.all_gather_cat(k.float()))
             sums += torch.tensor([loss.item(), l_pos.mean().item(), l_neg.mean().item(), 1.0], dtype=torch.float64)
             speed.add(im_q.shape[0])
         dist.all_reduce_sum(sums)
         steps = max(1.0, sums[3].item())
-        metrics = {"epoch": epoch, "loss": sums[0].item() / steps, "pos_sim": sums[1].item() / steps,
-                   "neg_sim": sums[2].item() / steps, "lr": lr, "images_per_s": speed.rate(rt.world_size),
-                   "steps": int(steps / rt.world_size), "knn_top1": None,
-                   "start_epoch": start_epoch, "world_size": rt.world_size, "nodes": rt.num_nodes}
-        last = epoch + 1 == t.epochs
-        if (epoch + 1) % t.knn_every == 0 or last:
+        metrics = {"loss": sums[0].item() / steps, "pos_sim": sums[1].item() / steps,
+                   "neg_sim": sums[2].item() / steps, "images_per_s": speed.rate(rt.world_size),
+                   "steps": int(steps / rt.world_size)}
+        if (epoch + 1) % t.knn_every == 0 or epoch + 1 == t.epochs:
             metrics["knn_top1"] = knn_monitor(model, rt, cfg, meta["num_classes"])
-        if metrics["knn_top1"] is None:
-            metrics.pop("knn_top1")
-        history.append(metrics)
-        state = None
-        if engine.want_checkpoint(epoch, t.epochs, cfg.resources.checkpoint_every):
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch, "history": history,
-                     "rng": dist.all_gather_objects(engine.rng_state()), "world_size": rt.world_size}
-        if rt.is_main:
-            engine.print_epoch("pretrain", metrics, EPOCH_KEYS)
-        engine.report_epoch(metrics, state, rt, loop_config.get("local_checkpoint_dir"))
+        loop.end_epoch("pretrain", epoch, metrics, EPOCH_KEYS)
 
 
 def export_teacher(cfg: Config, state: dict, path: Path, classes: list[str]) -> Path:

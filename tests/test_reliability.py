@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from raypipe.config import ConfigError
+from raypipe.student import train_student
 from raypipe.teacher import pretrain
 
 
@@ -39,16 +40,23 @@ def assert_clean(timeout=30.0):
 
 
 @pytest.mark.slow
-def test_killed_worker_restarts_from_last_checkpoint(ray_cluster, tiny_config, tmp_path):
+@pytest.mark.parametrize("phase", ["pretrain", "distill"])
+def test_killed_worker_restarts_from_last_checkpoint(ray_cluster, tiny_config, trained_teacher, tmp_path, phase):
     from ray.util.state import list_actors
-    cfg = tiny_config("name=kill", "resources.num_workers=2", "resources.max_failures=2", "teacher.epochs=4",
-                      "teacher.queue_size=32")
+    common = ("name=kill", "resources.num_workers=2", "resources.max_failures=2")
+    if phase == "pretrain":
+        cfg = tiny_config(*common, "teacher.epochs=4", "teacher.queue_size=32")
+        run = lambda: pretrain(cfg)  # noqa: E731
+    else:
+        cfg = tiny_config(*common, "student.epochs=4", "student.mode=distill", "student.ce_only_epochs=1")
+        run = lambda: train_student(cfg, trained_teacher)  # noqa: E731
     out = {}
-    runner = threading.Thread(target=lambda: out.update(final=pretrain(cfg)), daemon=True)
+    runner = threading.Thread(target=lambda: out.update(final=run()), daemon=True)
     runner.start()
     storage = tmp_path / "runs" / "kill" / "train"
     deadline = time.time() + 300
-    while not list(storage.glob("checkpoint_*/state.pt")):
+    snapshot = storage / "checkpoint_manager_snapshot.json"   # written once Train registered a checkpoint
+    while not (snapshot.is_file() and "checkpoint_" in snapshot.read_text()):
         assert time.time() < deadline and runner.is_alive(), "no checkpoint was written"
         time.sleep(0.5)
     workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
