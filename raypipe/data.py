@@ -151,12 +151,24 @@ def subsample(index: SplitIndex, per_class: int, seed: int) -> SplitIndex:
                       [index.labels[i] for i in keep], index.parquet_files)
 
 
+def scan_union(root: str | Path, splits: str) -> SplitIndex:
+    """``"train+val"``: the listed splits as one (classes must agree), e.g. for final models."""
+    parts = [p.strip() for p in splits.split("+")]
+    first = scan_split(root, parts[0])
+    for name in parts[1:]:
+        more = scan_split(root, name, classes=first.classes)
+        if first.parquet_files or more.parquet_files:
+            raise DataError(f"data.train_split={splits!r}: joining splits works for image folders only")
+        first = SplitIndex(splits, first.classes, first.paths + more.paths, first.labels + more.labels)
+    return first
+
+
 def scan_dataset(cfg: DataConfig, splits: tuple[str, ...] = ("train", "val")) -> dict[str, SplitIndex]:
     """Index train (subsampled) and the other named splits; classes must agree with train."""
     if not cfg.root:
         raise DataError("data.root is not set: pass DATA on the command line or data.root=...")
     names = {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}
-    train = subsample(scan_split(cfg.root, names["train"]), cfg.per_class, cfg.subsample_seed)
+    train = subsample(scan_union(cfg.root, names["train"]), cfg.per_class, cfg.subsample_seed)
     out = {"train": train}
     for s in splits:
         if s != "train":

@@ -467,8 +467,10 @@ def load_model_file(path: str | Path, kind: str | None = None) -> dict:
 
 
 # ---- Ray and data on the driver --------------------------------------------------------
+# RAY_IGNORE_UNHANDLED_ERRORS: Ray Data's stats actor raises a harmless KeyError when a dataset
+# of a stopped trial reports late (fire-and-forget calls, never awaited); hide those tracebacks.
 QUIET_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0",
-             "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
+             "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_IGNORE_UNHANDLED_ERRORS": "1"}
 
 
 def ensure_ray(**init_kwargs) -> None:

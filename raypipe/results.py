@@ -169,11 +169,13 @@ def show_results(exp_dir: str | Path, out_dir: str | Path | None = None) -> dict
         cols = ["trial", *(["final"] if stage == "stage3_final" else []), *params, "best", "last", "epochs", "status"]
         print(f"\n== {stage}: leaderboard by {metric} (best over epochs)")
         print(format_table(rows, cols))
-        if record.get("best_config"):
-            best = {k: record["best_config"][k] for k in ("teacher", "student") if k in record["best_config"]}
-            print(f"\n-- best config ({stage}), YAML:\n" + yaml.safe_dump(
-                {k: {p.split(".")[1]: v for p, v in record["best_params"].items() if p.startswith(k)} or best[k]
-                 for k in best if any(p.startswith(k) for p in record["best_params"])}, sort_keys=False))
+        if record.get("best_params"):
+            nested: dict = {}
+            for dotted, value in record["best_params"].items():
+                section, key = dotted.split(".", 1)
+                nested.setdefault(section, {})[key] = value
+            print(f"\n-- best parameters ({stage}, {metric} {record['best_metric']:.2f}), YAML:\n"
+                  + yaml.safe_dump(nested, sort_keys=False), end="")
         plots = plot_stage(out_dir, stage, metric, rows, params, curves)
         report[stage] = {"rows": rows, "params": params, "plots": [str(p) for p in plots]}
     summary = exp_dir / "summary.md"

@@ -40,6 +40,12 @@ def test_subsample_is_deterministic_and_per_class(tiny_data):
     assert np.bincount(a.labels).tolist() == [5, 5, 5, 5]
 
 
+def test_train_split_union(tiny_data):
+    cfg = load_config(overrides=[f"data.root={tiny_data}", "data.train_split=train+val"]).data
+    index = D.scan_dataset(cfg, ("train",))
+    assert len(index["train"]) == 64 + 32 and index["train"].classes == ["circle", "square", "star", "stripes"]
+
+
 def test_parquet_round_trip(tiny_data, tmp_path):
     counts = D.folder_to_parquet(tiny_data, tmp_path / "pq")
     assert counts == {"test": 32, "train": 64, "val": 32}

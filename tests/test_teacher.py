@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raypipe.evaluate import knn_top1
+from raypipe.evaluate import knn_top1, linear_probe
 from raypipe.teacher import pretrain
 
 
@@ -72,3 +72,13 @@ def test_knn_separable_is_perfect_and_shuffled_is_chance():
         shuffled = labels[torch.randperm(200, generator=g)]
         accs.append(knn_top1(feats[::2], shuffled[::2], feats[1::2], labels[1::2], 10, 0.1, 4))
     assert 18 <= sum(accs) / len(accs) <= 32   # chance is 25%
+
+
+def test_linear_probe_learns_separable_features_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(40)
+    feats = torch.eye(4, 16)[labels] * 5 + torch.randn(160, 16, generator=g)
+    noise = torch.randn(160, 16, generator=g)
+    scores = linear_probe(feats[::2], labels[::2], {"val": (feats[1::2], labels[1::2]),
+                                                     "noise": (noise[1::2], labels[1::2])}, 4, epochs=30)
+    assert scores["val"] == 100.0 and scores["noise"] < 60
