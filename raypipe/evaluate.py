@@ -70,7 +70,9 @@ def linear_probe(train_feats, train_labels, eval_feats: dict[str, tuple], num_cl
     """Train a linear classifier on frozen features (SGD lr 30, momentum 0.9, no weight decay,
     x0.1 at epochs 60 and 80 of 100); top-1 on each named evaluation set."""
     g = torch.Generator().manual_seed(seed)
-    clf = nn.Linear(train_feats.shape[1], num_classes)
+    with torch.random.fork_rng():  # deterministic for a seed, without touching the caller's RNG
+        torch.manual_seed(seed)
+        clf = nn.Linear(train_feats.shape[1], num_classes)
     opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(milestones), 0.1)
     # MoCo's lr 30 assumes un-normalised ResNet features; standardise so any backbone trains stably.

@@ -81,4 +81,4 @@ def test_linear_probe_learns_separable_features_and_not_noise():
     noise = torch.randn(160, 16, generator=g)
     scores = linear_probe(feats[::2], labels[::2], {"val": (feats[1::2], labels[1::2]),
                                                      "noise": (noise[1::2], labels[1::2])}, 4, epochs=30)
-    assert scores["val"] == 100.0 and scores["noise"] < 60
+    assert scores["val"] >= 95.0 and scores["noise"] < 60   # chance is 25%
