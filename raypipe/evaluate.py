@@ -165,10 +165,11 @@ def _device() -> torch.device:
 
 
 def evaluate_models(data_cfg, split: str, model_paths: list[str], ten_crop: bool = False,
-                    weights: list[float] | None = None, out_dir: str | Path = "eval",
+                    weights: list[float] | None = None, out_dir: str | Path | None = "eval",
                     submission: str | Path | None = None, batch_size: int = 64) -> dict:
     """One model or an ensemble (softmax averaged, optional weights), with or without 10-crop,
-    on a labelled split (JSON report + confusion PNG) or an unlabelled one (submission CSV)."""
+    on a labelled split (JSON report + confusion PNG in ``out_dir``, unless None) or an
+    unlabelled one (submission CSV)."""
     from . import engine
     from .data import decode_split, scan_split, with_view
     from .student import load_classifier
@@ -195,8 +196,6 @@ def evaluate_models(data_cfg, split: str, model_paths: list[str], ten_crop: bool
         idxs.append(batch["idx"].cpu())
     order = torch.argsort(torch.cat(idxs))
     probs, labels, idxs = torch.cat(probs)[order], torch.cat(labels)[order], torch.cat(idxs)[order]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     report = {"split": split_name, "models": [str(p) for p in model_paths], "weights": weights,
               "views": "10-crop" if ten_crop else "centre crop", "skipped_images": decoded.skipped,
               "n_images": int(labels.numel())}
@@ -206,10 +205,20 @@ def evaluate_models(data_cfg, split: str, model_paths: list[str], ten_crop: bool
         report["submission"] = str(submission)
     if index.labelled:
         report.update(classification_report(probs, labels, classes))
-        plot_confusion(report["confusion"], classes, out_dir / "confusion.png",
-                       f"{split_name}: top-1 {report['top1']:.2f}% ({report['views']}, {len(models)} model(s))")
-    write_json(out_dir / "report.json", report)
+    if out_dir is not None:
+        write_eval_outputs(report, out_dir)
     return report
+
+
+def write_eval_outputs(report: dict, out_dir: str | Path) -> None:
+    """``report.json`` and, for a labelled split, ``confusion.png``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if "confusion" in report:
+        plot_confusion(report["confusion"], list(report["per_class_top1"]), out_dir / "confusion.png",
+                       f"{report['split']}: top-1 {report['top1']:.2f}% ({report['views']}, "
+                       f"{len(report['models'])} model(s))")
+    write_json(out_dir / "report.json", report)
 
 
 def probe_teacher(data_cfg, teacher_path: str, splits: tuple[str, ...] = ("val",), epochs: int = 100,

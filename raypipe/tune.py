@@ -366,7 +366,7 @@ def evaluate_all(cfg: Config, exp_dir: Path, s1: dict, s3: dict) -> dict:
     """The paper-shaped table on the test split (each evaluation a Ray task, GPU when present)."""
     import ray
 
-    from .evaluate import evaluate_models, probe_teacher
+    from .evaluate import evaluate_models, probe_teacher, write_eval_outputs
 
     record = stage_record(exp_dir, "evaluation")
     if record:
@@ -377,17 +377,18 @@ def evaluate_all(cfg: Config, exp_dir: Path, s1: dict, s3: dict) -> dict:
     pr = ray.remote(num_cpus=cfg.tune.driver_cpus, num_gpus=gpus)(probe_teacher)
     m = s3["models"]
     members = [m[k] for k in sorted(m) if k.startswith("distill_")]
+    # reports come back to this driver and are written here, whichever node evaluated them
     jobs = {
-        "supervised": ev.remote(data, "test", [m["supervised"]], out_dir=str(exp_dir / "eval" / "supervised")),
-        "finetune": ev.remote(data, "test", [m["finetune"]], out_dir=str(exp_dir / "eval" / "finetune")),
-        "distill": ev.remote(data, "test", members[:1], out_dir=str(exp_dir / "eval" / "distill")),
-        "distill_10crop": ev.remote(data, "test", members[:1], ten_crop=True,
-                                    out_dir=str(exp_dir / "eval" / "distill_10crop")),
-        "ensemble_10crop": ev.remote(data, "test", members, ten_crop=True,
-                                     out_dir=str(exp_dir / "eval" / "ensemble_10crop")),
+        "supervised": ev.remote(data, "test", [m["supervised"]], out_dir=None),
+        "finetune": ev.remote(data, "test", [m["finetune"]], out_dir=None),
+        "distill": ev.remote(data, "test", members[:1], out_dir=None),
+        "distill_10crop": ev.remote(data, "test", members[:1], ten_crop=True, out_dir=None),
+        "ensemble_10crop": ev.remote(data, "test", members, ten_crop=True, out_dir=None),
     }
     probe = pr.remote(data, s3["teacher"], splits=("val", "test"))
     results = {k: ray.get(v) for k, v in jobs.items()}
+    for name, report in results.items():
+        write_eval_outputs(report, exp_dir / "eval" / name)
     probe_scores = ray.get(probe)
     rows = [
         ("supervised from scratch", results["supervised"]["top1"], m["supervised"]),

@@ -81,6 +81,10 @@ def test_smoke_main_job_killed_and_resumed_then_results(ray_cluster, tmp_path):
     assert (exp / "summary.md").read_text().count("|") > 20 and "+ 10-crop" in output
     for name in summary["models"].values():
         assert Path(name).is_file()
+    for row in ("supervised", "finetune", "distill", "distill_10crop", "ensemble_10crop"):
+        report = json.loads((exp / "eval" / row / "report.json").read_text())
+        assert report["n_images"] == 80 and (exp / "eval" / row / "confusion.png").stat().st_size > 1000
+    assert json.loads((exp / "eval" / "ensemble_10crop" / "report.json").read_text())["views"] == "10-crop"
 
     # a third run finds every stage done and only re-prints the table
     third = subprocess.run(cmd, cwd=script.parent, env=env, capture_output=True, text=True, timeout=300)
