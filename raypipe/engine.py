@@ -361,8 +361,12 @@ def run_trainer(train_fn: Callable, cfg: Config, loop_config: dict, datasets: di
     scaling = ScalingConfig(num_workers=res.num_workers, use_gpu=use_gpu,
                             resources_per_worker=per_worker if res.num_workers else None,
                             placement_strategy=res.placement_strategy)
-    storage = storage_path or res.storage_path and f"{res.storage_path.rstrip('/')}/{cfg.name}" \
-        or str(run_dir.resolve())
+    if storage_path:                  # given by the caller (a Tune trial's own folder)
+        storage = storage_path
+    elif res.storage_path:            # shared / remote storage from the config
+        storage = f"{res.storage_path.rstrip('/')}/{cfg.name}"
+    else:                             # the run folder itself
+        storage = str(run_dir.resolve())
     run_config = RunConfig(
         name="train", storage_path=storage, callbacks=callbacks or [],
         checkpoint_config=CheckpointConfig(num_to_keep=res.keep_checkpoints),

@@ -226,9 +226,9 @@ def probe_teacher(data_cfg, teacher_path: str, splits: tuple[str, ...] = ("val",
     """Linear probe of a phase-1 teacher: frozen backbone, linear classifier on train."""
     from . import engine
     from .data import decode_split, scan_dataset, with_view
-    from .student import load_teacher_backbone
+    from .student import load_exported
 
-    net, _ = load_teacher_backbone(teacher_path)
+    net, _ = load_exported(teacher_path, "teacher")
     index = scan_dataset(data_cfg, ("train", *splits))
     engine.ensure_ray()
     device = _device()

@@ -176,24 +176,22 @@ def train_student(cfg: Config, teacher_path: str | Path | None = None, run_dir: 
     return final
 
 
+def load_exported(path: str | Path, kind: str = "classifier"):
+    """An exported model file -> (eval-mode torchvision model, payload).
+
+    ``kind="classifier"``: a student/baseline with its ``fc``; ``"teacher"``: the phase-1 backbone.
+    """
+    payload = engine.load_model_file(path, kind=kind)
+    num_classes = len(payload["classes"]) if kind == "classifier" else 0
+    net, _ = build_backbone(payload["backbone"], payload["small_stem"], num_classes)
+    try:
+        net.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise engine.CheckpointError(f"{path}: weights do not fit {payload['backbone']}: {exc}") from exc
+    return net.eval(), payload
+
+
 def load_classifier(path: str | Path):
-    """An exported classifier file -> (eval-mode torchvision model, payload)."""
-    payload = engine.load_model_file(path, kind="classifier")
-    net, _ = build_backbone(payload["backbone"], payload["small_stem"], len(payload["classes"]))
-    try:
-        net.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
-        raise engine.CheckpointError(f"{path}: weights do not fit {payload['backbone']}: {exc}") from exc
-    return net.eval(), payload
-
-
-def load_teacher_backbone(path: str | Path):
-    payload = engine.load_model_file(path, kind="teacher")
-    net, _ = build_backbone(payload["backbone"], payload["small_stem"])
-    try:
-        net.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
-        raise engine.CheckpointError(f"{path}: weights do not fit {payload['backbone']}: {exc}") from exc
-    return net.eval(), payload
+    return load_exported(path, "classifier")
 
 

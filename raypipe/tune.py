@@ -178,8 +178,7 @@ def student_trial(config: dict, ctx: dict) -> None:
 def final_trial(config: dict, ctx: dict) -> None:
     """Stage 3: one of the final models (``config['final']`` says which), no early stopping."""
     member = ctx["members"][config["final"]]
-    cfg = Config.from_dict(member["config"])
-    student_trial(cfg.to_dict(), {**ctx, "teacher": member.get("teacher")})
+    student_trial(member["config"], {**ctx, "teacher": member.get("teacher")})
 
 
 # ---- running a stage -------------------------------------------------------------------
