@@ -61,7 +61,7 @@ def cmd_pretrain(args) -> None:
 
 def cmd_distill(args) -> None:
     from .student import train_student
-    extra = [f"student.mode={args.mode}"] + ([f"name={args.name}"] if args.name else [])
+    extra = ([f"student.mode={args.mode}"] if args.mode else []) + ([f"name={args.name}"] if args.name else [])
     cfg = _load(args, extra)
     final = train_student(cfg, args.teacher)
     print(json.dumps({k: final[k] for k in ("phase", "epochs", "val_top1", "best_val_top1", "model",
@@ -71,8 +71,12 @@ def cmd_distill(args) -> None:
 def cmd_linear_probe(args) -> None:
     from .evaluate import probe_teacher
     cfg = _load(args)
-    scores = probe_teacher(cfg.data, args.teacher, tuple(args.split), epochs=args.epochs, lr=args.lr)
+    scores = probe_teacher(cfg.data, args.teacher, tuple(args.split), epochs=args.epochs, lr=args.lr,
+                           knn_k=cfg.teacher.knn_k, knn_t=cfg.teacher.knn_t)
     print(json.dumps(scores, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"teacher": args.teacher, **scores}, indent=2))
 
 
 def cmd_evaluate(args) -> None:
@@ -128,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("distill", help="phase 2: OFD student (or the supervised / fine-tune baselines)")
     s.add_argument("data")
     s.add_argument("--teacher", help="teacher.pt from `raypipe pretrain` (not needed for --mode supervised)")
-    s.add_argument("--mode", choices=("distill", "finetune", "supervised"), default="distill")
+    s.add_argument("--mode", choices=("distill", "finetune", "supervised"),
+                   help="overrides student.mode of the config (default there: distill)")
     s.add_argument("--name")
     _config_args(s)
     s.set_defaults(fn=cmd_distill)
@@ -139,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", nargs="+", default=["val"], choices=("val", "test"))
     s.add_argument("--epochs", type=int, default=100)
     s.add_argument("--lr", type=float, default=30.0)
+    s.add_argument("--out", help="also write the scores to this JSON file")
     _config_args(s)
     s.set_defaults(fn=cmd_linear_probe)
 

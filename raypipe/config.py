@@ -71,7 +71,8 @@ class OptimConfig:
     """Fields every phase trains with (one place, both phases inherit it)."""
 
     backbone: str = opt("resnet18", choices=BACKBONES)
-    small_stem: bool = opt(True, doc="3x3 stride-1 stem, no max-pool: for 32-64 px inputs")
+    small_stem: bool = opt(True, doc="3x3 stem conv, no max-pool: for 32-64 px inputs")
+    stem_stride: int = opt(1, lo=1, hi=2, doc="small stem's stride (2: 4x fewer FLOPs, e.g. 32 px on CPUs)")
     epochs: int = opt(10, lo=1)
     batch_size: int = opt(64, lo=1, doc="per worker")
     lr: float = opt(0.03, lo=0.0, lo_open=True, doc="for a global batch of 256 (scaled linearly)")
@@ -213,18 +214,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     """YAML file (optional) + dotted overrides -> validated Config. No Ray is touched."""
     raw: dict = Config().to_dict()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        _merge(raw, loaded, prefix="", source=str(path))
+        _merge_file(raw, Path(path), chain=())
     if overrides:
         items = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
         for key, value in items.items():
             set_dotted(raw, key, value)
     return Config.from_dict(raw)
+
+
+def _merge_file(raw: dict, path: Path, chain: tuple) -> None:
+    """Merge a YAML file into ``raw``; ``extends: other.yaml`` (relative to it) is merged first."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (extended by {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: 'extends' loops back to itself")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    parent = loaded.pop("extends", None)
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: 'extends' must be a file name, got {parent!r}")
+        _merge_file(raw, path.parent / parent, chain + (path.resolve(),))
+    _merge(raw, loaded, prefix="", source=str(path))
 
 
 def _merge(base: dict, update: dict, prefix: str, source: str) -> None:

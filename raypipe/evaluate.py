@@ -222,8 +222,9 @@ def write_eval_outputs(report: dict, out_dir: str | Path) -> None:
 
 
 def probe_teacher(data_cfg, teacher_path: str, splits: tuple[str, ...] = ("val",), epochs: int = 100,
-                  lr: float = 30.0, batch_size: int = 128, seed: int = 0) -> dict:
-    """Linear probe of a phase-1 teacher: frozen backbone, linear classifier on train."""
+                  lr: float = 30.0, batch_size: int = 128, seed: int = 0, knn_k: int = 50,
+                  knn_t: float = 0.1) -> dict:
+    """Frozen phase-1 teacher on each split: linear probe and weighted k-NN, both fit on train."""
     from . import engine
     from .data import decode_split, scan_dataset, with_view
     from .student import load_exported
@@ -238,6 +239,10 @@ def probe_teacher(data_cfg, teacher_path: str, splits: tuple[str, ...] = ("val",
         ds = with_view(decode_split(idx, data_cfg), "eval", data_cfg)
         out = gather_outputs(backbone_features(net), ds.iter_torch_batches(batch_size=batch_size), device)
         feats[name] = (out["out"], out["label"])
-    scores = linear_probe(*feats["train"], {s: feats[s] for s in splits}, len(index["train"].classes),
+    num_classes = len(index["train"].classes)
+    scores = linear_probe(*feats["train"], {s: feats[s] for s in splits}, num_classes,
                           epochs=epochs, lr=lr, milestones=(int(epochs * 0.6), int(epochs * 0.8)), seed=seed)
-    return {f"{s}_top1": v for s, v in scores.items()}
+    out = {f"{s}_top1": v for s, v in scores.items()}
+    for s in splits:
+        out[f"{s}_knn_top1"] = knn_top1(*feats["train"], *feats[s], k=knn_k, t=knn_t, num_classes=num_classes)
+    return out

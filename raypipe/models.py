@@ -15,18 +15,33 @@ from .losses import ofd_margins
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
-def build_backbone(name: str, small_stem: bool, num_classes: int = 0) -> tuple[nn.Module, int]:
+ARCH_KEYS = ("backbone", "small_stem", "stem_stride")
+
+
+def arch_of(phase_cfg) -> dict:
+    """The fields that fix a backbone's shape (stored in every exported model file)."""
+    return {key: getattr(phase_cfg, key) for key in ARCH_KEYS}
+
+
+def payload_arch(payload: dict) -> dict:
+    """``arch_of`` read back from a model file (files without ``stem_stride`` used 1)."""
+    return {"stem_stride": 1, **{k: payload[k] for k in ARCH_KEYS if k in payload}}
+
+
+def build_backbone(backbone: str, small_stem: bool, num_classes: int = 0,
+                   stem_stride: int = 1) -> tuple[nn.Module, int]:
     """A torchvision ResNet/ResNeXt with random weights. ``num_classes=0``: ``fc`` is Identity.
 
-    ``small_stem`` swaps the 7x7/2 conv + max-pool for a 3x3/1 conv (inputs of 32-64 px).
-    Returns the model and its feature width.
+    ``small_stem`` swaps the 7x7/2 conv + max-pool for a 3x3 conv of stride ``stem_stride``
+    (inputs of 32-64 px; stride 2 costs 4x fewer FLOPs). Returns the model and its feature width.
     """
+    name = backbone
     factory = getattr(torchvision.models, name, None)
     if factory is None:
         raise ValueError(f"unknown backbone {name!r}")
     model = factory(weights=None)
     if small_stem:
-        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
         model.maxpool = nn.Identity()
     dim = model.fc.in_features
     model.fc = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
@@ -40,10 +55,10 @@ def projection_head(dim: int, hidden: int, out: int) -> nn.Module:
 class MoCo(nn.Module):
     """Query encoder + momentum key encoder + queue of keys (buffers, so they checkpoint)."""
 
-    def __init__(self, backbone: str, small_stem: bool, proj_hidden: int, proj_dim: int,
+    def __init__(self, arch: dict, proj_hidden: int, proj_dim: int,
                  queue_size: int, key_momentum: float, bn_splits: int = 1):
         super().__init__()
-        net, dim = build_backbone(backbone, small_stem)
+        net, dim = build_backbone(**arch)
         self.encoder_q = nn.Sequential(net, projection_head(dim, proj_hidden, proj_dim))
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():

@@ -12,7 +12,7 @@ from . import dist, engine
 from .config import Config, ConfigError
 from .data import normalize, scan_dataset
 from .losses import ofd_distill_loss
-from .models import FrozenTeacher, Student, build_backbone
+from .models import FrozenTeacher, Student, arch_of, build_backbone, payload_arch
 
 EPOCH_KEYS = ("loss", "ce", "distill", "val_top1", "val_top5", "lr", "images_per_s")
 
@@ -25,10 +25,10 @@ def check_teacher(cfg: Config, teacher_path: str | Path | None) -> dict | None:
     if not teacher_path:
         raise ConfigError(f"student.mode={s.mode!r} needs a teacher file (--teacher TEACHER.pt)")
     payload = engine.load_model_file(teacher_path, kind="teacher")
-    if (payload["backbone"], payload["small_stem"]) != (s.backbone, s.small_stem):
-        raise ConfigError(f"teacher {teacher_path} is a {payload['backbone']} (small_stem={payload['small_stem']}); "
-                          f"the student config asks for student.backbone={s.backbone} "
-                          f"(student.small_stem={s.small_stem}): they must match")
+    if payload_arch(payload) != arch_of(s):
+        have = ", ".join(f"{k}={v}" for k, v in payload_arch(payload).items())
+        want = ", ".join(f"student.{k}={v}" for k, v in arch_of(s).items())
+        raise ConfigError(f"teacher {teacher_path} is {have}; the student config asks for {want}: they must match")
     return payload
 
 
@@ -40,7 +40,7 @@ def distill_weight_at(cfg: Config, epoch: int) -> float:
 
 def build_student(cfg: Config, num_classes: int, teacher_state: dict | None):
     s = cfg.student
-    net, _ = build_backbone(s.backbone, s.small_stem, num_classes)
+    net, _ = build_backbone(**arch_of(s), num_classes=num_classes)
     teacher = None
     if teacher_state is not None:
         missing, unexpected = net.load_state_dict(teacher_state, strict=False)
@@ -48,7 +48,7 @@ def build_student(cfg: Config, num_classes: int, teacher_state: dict | None):
             raise engine.CheckpointError(f"teacher weights do not fit {s.backbone}: missing {missing}, "
                                          f"unexpected {unexpected}")
         if s.mode == "distill":
-            frozen, _ = build_backbone(s.backbone, s.small_stem)
+            frozen, _ = build_backbone(**arch_of(s))
             frozen.load_state_dict(teacher_state)
             teacher = FrozenTeacher(frozen, s.teacher_bn_train)
     return Student(net, with_connectors=s.mode == "distill"), teacher
@@ -136,7 +136,7 @@ def export_student(cfg: Config, state: dict, path: Path, classes: list[str], tea
     student.load_state_dict(state["model"])
     return engine.save_model_file(
         Path(path), "classifier", student.net.state_dict(), cfg,
-        {"backbone": s.backbone, "small_stem": s.small_stem, "classes": classes, "mode": s.mode,
+        {**arch_of(s), "classes": classes, "mode": s.mode,
          "resolution": cfg.data.resolution, "teacher": str(teacher_path) if teacher_path else None,
          "epochs_trained": state["epoch"] + 1})
 
@@ -183,7 +183,7 @@ def load_exported(path: str | Path, kind: str = "classifier"):
     """
     payload = engine.load_model_file(path, kind=kind)
     num_classes = len(payload["classes"]) if kind == "classifier" else 0
-    net, _ = build_backbone(payload["backbone"], payload["small_stem"], num_classes)
+    net, _ = build_backbone(**payload_arch(payload), num_classes=num_classes)
     try:
         net.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:

@@ -10,14 +10,14 @@ from .config import Config, ConfigError
 from .data import normalize, scan_dataset
 from .evaluate import backbone_features, gather_outputs, knn_top1
 from .losses import contrastive_logits, margin_nce_loss
-from .models import MoCo
+from .models import MoCo, arch_of
 
 EPOCH_KEYS = ("loss", "knn_top1", "pos_sim", "neg_sim", "lr", "images_per_s")
 
 
 def build_model(cfg: Config) -> MoCo:
     t = cfg.teacher
-    return MoCo(t.backbone, t.small_stem, t.proj_hidden, t.proj_dim, t.queue_size, t.key_momentum,
+    return MoCo(arch_of(t), t.proj_hidden, t.proj_dim, t.queue_size, t.key_momentum,
                 bn_splits=t.bn_splits)
 
 
@@ -74,7 +74,7 @@ def export_teacher(cfg: Config, state: dict, path: Path, classes: list[str]) -> 
     t = cfg.teacher
     return engine.save_model_file(
         Path(path), "teacher", model.backbone.state_dict(), cfg,
-        {"backbone": t.backbone, "small_stem": t.small_stem, "classes": classes,
+        {**arch_of(t), "classes": classes,
          "resolution": cfg.data.resolution, "head": model.encoder_q[1].state_dict(),
          "epochs_trained": state["epoch"] + 1})
 

@@ -56,3 +56,25 @@ def test_shipped_configs_are_valid():
     assert configs, "experiments/configs has no YAML files"
     for path in configs:
         load_config(path)
+
+
+def test_extends_merges_the_parent_first_relative_to_the_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text("teacher: {margin: 0.3, epochs: 7}\nstudent: {lr: 0.2}\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("extends: ../base.yaml\nteacher: {margin: 0.0}\n")
+    (tmp_path / "sub" / "row.yaml").write_text("extends: mid.yaml\nstudent: {mode: finetune}\n")
+    cfg = load_config(tmp_path / "sub" / "row.yaml", ["teacher.epochs=9"])
+    assert (cfg.teacher.margin, cfg.teacher.epochs, cfg.student.lr, cfg.student.mode) == (0.0, 9, 0.2, "finetune")
+
+
+def test_extends_errors_name_the_files(tmp_path):
+    (tmp_path / "row.yaml").write_text("extends: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"gone.yaml.*extended by .*row.yaml"):
+        load_config(tmp_path / "row.yaml")
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="c.yaml.*extends"):
+        load_config(tmp_path / "c.yaml")

@@ -12,7 +12,7 @@ from raypipe.student import build_student, distill_weight_at
 
 
 def small_moco(queue=8, mu=0.9):
-    return MoCo("resnet18", True, proj_hidden=16, proj_dim=4, queue_size=queue, key_momentum=mu, bn_splits=2)
+    return MoCo({"backbone": "resnet18", "small_stem": True}, proj_hidden=16, proj_dim=4, queue_size=queue, key_momentum=mu, bn_splits=2)
 
 
 def test_enqueue_wraps_and_moves_pointer():
@@ -141,3 +141,16 @@ def test_ce_only_warmup_zeroes_lambda():
     assert [distill_weight_at(cfg, e) for e in range(5)] == [0, 0, 0, 0.01, 0.01]
     sup = cfg.with_overrides({"student.mode": "finetune"})
     assert distill_weight_at(sup, 10) == 0.0
+
+
+def test_stem_stride_two_halves_every_stage_and_keeps_the_weights_shape():
+    wide, _ = build_backbone("resnet18", small_stem=True)
+    strided, _ = build_backbone("resnet18", small_stem=True, stem_stride=2)
+    x = torch.randn(1, 3, 32, 32)
+    sizes = []
+    for net in (wide, strided):
+        taps = StageTaps(net)
+        net.eval()(x)
+        sizes.append([f.shape[-1] for f in taps.pop()])
+    assert sizes == [[32, 16, 8, 4], [16, 8, 4, 2]]
+    strided.load_state_dict(wide.state_dict())  # same parameters: only the stride differs

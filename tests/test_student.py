@@ -38,6 +38,8 @@ def test_teacher_checks_before_training(tiny_config, trained_teacher, tmp_path):
         check_teacher(tiny_config(), tmp_path / "missing.pt")
     with pytest.raises(ConfigError, match="resnet18.*student.backbone=resnet34"):
         check_teacher(tiny_config("student.backbone=resnet34"), trained_teacher)
+    with pytest.raises(ConfigError, match="stem_stride=1.*student.stem_stride=2"):
+        check_teacher(tiny_config("student.stem_stride=2"), trained_teacher)
     torn = tmp_path / "torn.pt"
     torn.write_bytes(trained_teacher.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="unreadable"):

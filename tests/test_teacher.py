@@ -14,7 +14,7 @@ def _queue_probe(config):
     from raypipe import dist
     from raypipe.models import MoCo
     torch.manual_seed(0)  # same weights on both ranks, as DDP + EMA keep them in training
-    m = MoCo("resnet18", True, proj_hidden=16, proj_dim=4, queue_size=8, key_momentum=0.99)
+    m = MoCo({"backbone": "resnet18", "small_stem": True}, proj_hidden=16, proj_dim=4, queue_size=8, key_momentum=0.99)
     rank = dist.rank()
     m.enqueue(dist.all_gather_cat(torch.full((2, 4), float(rank + 1))))
     queues = dist.all_gather_objects(m.queue.clone())
@@ -45,6 +45,21 @@ def test_local_mode_run_writes_the_run_folder(trained_teacher):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs"] == 1 and 0 <= metrics["knn_top1"] <= 100 and metrics["world_size"] == 1
     assert metrics["images_per_s"] > 0 and metrics["skipped_images"] == 0
+
+
+def test_linear_probe_command_writes_linear_and_knn_scores(trained_teacher, tiny_data, tmp_path):
+    from raypipe.cli import main
+    from conftest import TINY
+
+    out = tmp_path / "probe" / "scores.json"
+    assert main(["linear-probe", str(tiny_data), *TINY, "--teacher", str(trained_teacher),
+                 "--split", "val", "test", "--epochs", "5", "--out", str(out)]) == 0
+    scores = json.loads(out.read_text())
+    assert scores["teacher"] == str(trained_teacher)
+    for key in ("val_top1", "test_top1", "val_knn_top1", "test_knn_top1"):
+        assert 0 <= scores[key] <= 100, key
+    # 8 images per split: every score is a whole number of images
+    assert all(abs(scores[k] * 8 / 100 - round(scores[k] * 8 / 100)) < 1e-6 for k in scores if k != "teacher")
 
 
 @pytest.mark.slow

@@ -1,0 +1,85 @@
+"""experiments/cifar10_50.py: its steps are valid raypipe commands, and the table it writes
+from run folders computes seed statistics and val decisions correctly (no Ray, no training)."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from raypipe.cli import _load, build_parser
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def repro(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("cifar10_50", REPO / "experiments" / "cifar10_50.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "cifar10_50", mod)  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(mod, "RESULTS", tmp_path / "results.md")
+    monkeypatch.chdir(REPO)  # config paths in the steps are relative to the repository
+    return mod
+
+
+def put(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload))
+
+
+def fake_student(mod, run: str, val: float, test: float, wall: float = 60.0) -> None:
+    put(mod.RUNS / run / "metrics.json", {"val_top1": val})
+    put(mod.RUNS / "eval" / f"{run}_test" / "report.json", {"top1": test, "views": "centre crop"})
+    for step in (run, f"eval_{run}_test"):
+        put(mod.RUNS / "steps" / f"{step}.json", {"name": step, "argv": ["raypipe", step], "rc": 0,
+                                                  "wall_s": wall, "machine": "test box"})
+
+
+def test_every_step_is_a_valid_command_with_a_valid_config(repro):
+    fake_student(repro, "tricks_s0", 40.0, 41.0)
+    fake_student(repro, "distill_s0", 42.0, 43.0)
+    steps = repro.planned_steps("DATA") + repro.decided_steps("DATA")
+    names = [s.name for s in steps]
+    assert len(names) == len(set(names))
+    for recipe in ("supervised", "distill"):
+        assert {f"{recipe}_s{s}" for s in repro.SEEDS} <= set(names)
+    for step in steps:
+        args = build_parser().parse_args(step.argv)
+        cfg = _load(args)  # config files exist and validate
+        assert cfg.data.root == "DATA" and cfg.data.resolution == 32
+        if step.argv[0] == "distill":
+            assert (args.teacher is None) == (cfg.student.mode == "supervised")
+            assert cfg.student.seed == int(step.name.rsplit("_s", 1)[1])
+    # tricks lost on val: the test-time tricks and the ensemble use plain distillation
+    assert all("tricks" not in s.name for s in repro.decided_steps("DATA"))
+
+
+def test_table_statistics_and_val_decisions(repro):
+    repro.RESULTS.write_text(f"# Results\n\nhand-written intro\n\n{repro.BEGIN}\nold\n{repro.END}\n\nDiscussion.\n")
+    for seed, (val, test) in enumerate([(30, 31), (32, 33), (34, 35)]):
+        fake_student(repro, f"supervised_s{seed}", val, test)
+    for seed, (val, test) in enumerate([(40, 41), (42, 43), (44, 48)]):
+        fake_student(repro, f"distill_s{seed}", val, test)
+    fake_student(repro, "tricks_s0", 45.0, 46.0)  # beats distill_s0 on val: kept
+    fake_student(repro, "tricks_s1", 44.0, 45.0)
+    put(repro.RUNS / "eval" / "tricks_s0_10crop_val" / "report.json", {"top1": 44.5})  # worse on val
+    put(repro.RUNS / "eval" / "ensemble_val" / "report.json", {"top1": 47.0, "views": "centre crop"})
+    put(repro.RUNS / "eval" / "ensemble_test" / "report.json", {"top1": 49.0})
+    assert repro.chain_recipe() == "tricks" and not repro.ten_crop_helps("tricks")
+    steps = repro.planned_steps("DATA") + repro.decided_steps("DATA")
+    assert not any("--ten-crop" in s.argv for s in steps if s.name.startswith("eval_ensemble"))
+    repro.write_table(steps)
+    doc = repro.RESULTS.read_text()
+    assert doc.startswith("# Results\n\nhand-written intro") and doc.rstrip().endswith("Discussion.")
+    assert "old" not in doc
+    assert "**33.00 ± 2.00** (31.00, 33.00, 35.00)" in doc        # supervised test: mean ± sample sd
+    assert "**44.00 ± 3.61**" in doc                               # distill test 41, 43, 48
+    assert "**+11.00 points**" in doc                              # 44 - 33
+    rows = {line.split("|")[1].strip(): line for line in doc.splitlines() if line.startswith("| +")}
+    assert "| kept |" in rows["+ AutoAugment (CIFAR-10 policy) + label smoothing 0.1"]
+    assert "| dropped |" in rows["+ 10-crop test"]
+    assert "| kept |" in rows["+ ensemble of two models (seeds 0, 1; centre crop)"]
+    repro.write_table(steps)  # regenerating is idempotent
+    assert repro.RESULTS.read_text() == doc
