@@ -30,10 +30,11 @@ CONFIGS = "experiments/configs/cifar10_50"
 RUNS = Path("runs/cifar10_50")
 RESULTS = Path("docs/results.md")
 SEEDS = (0, 1, 2)
-# teacher name -> config; the first is the recipe phase 2 uses (the chosen m and K)
-TEACHERS = {"m0.4_k128": "base.yaml", "m0.4_k480": "teacher_m0.4_k480.yaml",
-            "m0_k128": "teacher_m0_k128.yaml", "m0_k480": "teacher_m0_k480.yaml"}
-MAIN_TEACHER = next(iter(TEACHERS))
+# teacher name -> config: the phase-2 teacher (m = 0.4, K = 128, 100 epochs), then the margin
+# ablation (m = 0 / 0.4 x K = 128 / 480, 50 epochs each: the CPU budget)
+MAIN_TEACHER = "m0.4_k128"
+TEACHERS = {MAIN_TEACHER: "base.yaml", **{f"m{m}_k{k}_e50": f"ablation_m{m}_k{k}.yaml"
+                                          for m in ("0.4", "0") for k in (128, 480)}}
 BEGIN, END = "<!-- results:begin (written by experiments/cifar10_50.py) -->", "<!-- results:end -->"
 
 
@@ -61,11 +62,29 @@ def pretrain(data: str, name: str) -> list[Step]:
                                    "test", "--out", str(probe), "--config", cfg], probe)]
 
 
+# recipe -> its config file (in CONFIGS); "tricks" = the val-chosen distillation recipe + TRICKS
+RECIPES = {"supervised": "supervised.yaml", "finetune": "finetune.yaml", "distill": "distill.yaml",
+           "distill_l1e-4": "distill_l1e-4.yaml"}
+DISTILL_CANDIDATES = ("distill", "distill_l1e-4")  # lambda 1e-3 vs 1e-4, picked on val (seed 0)
+TRICKS = ["student.autoaugment=cifar10", "student.label_smoothing=0.1"]
+
+
+class NotDecided(Exception):
+    """A val decision needs runs that have not finished yet."""
+
+
+def recipe_args(recipe: str) -> tuple[str, list[str]]:
+    if recipe == "tricks":
+        return RECIPES[chosen_distill()], TRICKS
+    return RECIPES[recipe], []
+
+
 def student(data: str, recipe: str, seed: int) -> list[Step]:
-    """Train one student row (recipe = its config file's stem) and evaluate it on test."""
+    """Train one student row and evaluate it on test."""
     run = f"{recipe}_s{seed}"
-    argv = ["distill", data, f"student.seed={seed}", "--config", f"{CONFIGS}/{recipe}.yaml", "--name", run]
-    if not recipe.startswith("supervised"):  # the supervised rows start from random weights
+    config, overrides = recipe_args(recipe)
+    argv = ["distill", data, f"student.seed={seed}", *overrides, "--config", f"{CONFIGS}/{config}", "--name", run]
+    if recipe != "supervised":  # every other row starts from the teacher
         argv += ["--teacher", str(teacher_file(MAIN_TEACHER))]
     return [Step(run, argv, student_file(run)), evaluate(data, f"{run}_test", [run], "test")]
 
@@ -78,20 +97,27 @@ def evaluate(data: str, name: str, runs: list[str], split: str, ten_crop: bool =
     return Step(f"eval_{name}", argv + (["--ten-crop"] if ten_crop else []), out / "report.json")
 
 
-def planned_steps(data: str) -> list[Step]:
-    """Key rows first (one seed each), then the other seeds, then the margin ablation."""
-    steps = pretrain(data, MAIN_TEACHER)
-    for recipe in ("supervised", "distill", "finetune", "tricks"):
+def stage_rows(data: str) -> list[Step]:
+    """The teacher and one seed of every phase row (the distillation candidates included)."""
+    steps = pretrain(data, MAIN_TEACHER) + student(data, "supervised", 0)
+    for recipe in DISTILL_CANDIDATES:
         steps += student(data, recipe, 0)
+    return steps + student(data, "finetune", 0)
+
+
+def stage_seeds(data: str) -> list[Step]:
+    """Needs the lambda decision: tricks on top of it, the other seeds, then the margin ablation."""
+    chosen = chosen_distill()
+    steps = student(data, "tricks", 0)
     for seed in SEEDS[1:]:
-        steps += student(data, "supervised", seed) + student(data, "distill", seed)
+        steps += student(data, "supervised", seed) + student(data, chosen, seed)
     for name in list(TEACHERS)[1:]:
         steps += pretrain(data, name)
-    return steps + student(data, "supervised_budget", 0)
+    return steps
 
 
-def decided_steps(data: str) -> list[Step]:
-    """Test-time tricks on the recipe val picked: 10-crop, then a 2-model ensemble (seeds 0 and 1)."""
+def stage_test_time(data: str) -> list[Step]:
+    """Test-time tricks on the recipe val kept: 10-crop, then a 2-model ensemble (seeds 0 and 1)."""
     recipe = chain_recipe()
     members = [f"{recipe}_s0", f"{recipe}_s1"]
     steps = student(data, recipe, 1) if recipe == "tricks" else []
@@ -100,6 +126,20 @@ def decided_steps(data: str) -> list[Step]:
     ten_crop = ten_crop_helps(recipe)
     for split in ("val", "test"):
         steps.append(evaluate(data, f"ensemble_{split}", members, split, ten_crop=ten_crop))
+    return steps
+
+
+STAGES = (stage_rows, stage_seeds, stage_test_time)
+
+
+def known_steps(data: str) -> list[Step]:
+    """Every step whose decisions can be made from the runs so far."""
+    steps = []
+    for stage in STAGES:
+        try:
+            steps += stage(data)
+        except NotDecided:
+            break
     return steps
 
 
@@ -163,12 +203,20 @@ def wall_min(*steps: str) -> float | None:
     return sum(r["wall_s"] for r in recs) / 60 if all(recs) else None
 
 
+def chosen_distill() -> str:
+    """The distillation recipe (lambda) with the best val top-1 on seed 0."""
+    vals = {r: student_val(f"{r}_s0") for r in DISTILL_CANDIDATES}
+    if None in vals.values():
+        raise NotDecided("the lambda decision needs " + ", ".join(f"{r}_s0" for r in DISTILL_CANDIDATES))
+    return max(DISTILL_CANDIDATES, key=lambda r: vals[r])
+
+
 def chain_recipe() -> str:
-    """AutoAugment + label smoothing stay only if they beat plain distillation on val (seed 0)."""
-    tricks, plain = student_val("tricks_s0"), student_val("distill_s0")
-    if tricks is None or plain is None:
-        raise SystemExit("the tricks decision needs tricks_s0 and distill_s0 trained first")
-    return "tricks" if tricks > plain else "distill"
+    """AutoAugment + label smoothing stay only if they beat the chosen distillation on val (seed 0)."""
+    tricks, plain = student_val("tricks_s0"), student_val(f"{chosen_distill()}_s0")
+    if tricks is None:
+        raise NotDecided("the tricks decision needs tricks_s0")
+    return "tricks" if tricks > plain else chosen_distill()
 
 
 def ten_crop_helps(recipe: str) -> bool:
@@ -196,6 +244,24 @@ def mean_or_none(values: list[float | None]) -> float | None:
     return statistics.mean(vals) if vals else None
 
 
+def decided(fn) -> str | None:
+    try:
+        return fn()
+    except NotDecided:
+        return None
+
+
+def config_cell(recipe: str) -> str:
+    if recipe == "tricks":
+        chosen = decided(chosen_distill)
+        return f"`{RECIPES[chosen]}` + `{' '.join(TRICKS)}`" if chosen else "-"
+    return f"`{RECIPES[recipe]}`"
+
+
+def kept_cell(better: bool | None) -> str:
+    return "-" if better is None else ("kept" if better else "dropped")
+
+
 def phase_rows() -> tuple[list[str], dict]:
     rows, means = [], {}
 
@@ -203,55 +269,63 @@ def phase_rows() -> tuple[list[str], dict]:
         runs = [f"{recipe}_s{s}" for s in seeds]
         test = [eval_top1(f"{r}_test") for r in runs]
         val = [student_val(r) for r in runs]
-        done = [r for r, t in zip(runs, test) if t is not None]
+        done = [s for s, t in zip(seeds, test) if t is not None]
         means[recipe] = mean_or_none(test)
-        walls = [wall_min(r, f"eval_{r}_test") for r in done]
-        rows.append(f"| {label} | `{recipe}.yaml` | {','.join(str(s) for s in seeds if f'{recipe}_s{s}' in done) or '-'}"
-                    f" | {seeds_cell(val)} | {seeds_cell(test)} | {fmt(mean_or_none(walls), '.1f')} | {paper} |")
+        walls = [wall_min(f"{recipe}_s{s}", f"eval_{recipe}_s{s}_test") for s in done]
+        rows.append(f"| {label} | {config_cell(recipe)} | {','.join(map(str, done)) or '-'} | {seeds_cell(val)} | "
+                    f"{seeds_cell(test)} | {fmt(mean_or_none(walls), '.1f')} | {paper} |")
 
     multi("supervised from scratch", "supervised", "27.9")
-    multi("supervised from scratch, 300 epochs (~ the CPU time of phase 1 + 2)", "supervised_budget", "-",
-          seeds=(0,))
     probe = load(RUNS / f"teacher_{MAIN_TEACHER}" / "probe.json") or {}
     rows.append(f"| phase 1 + linear probe | `{TEACHERS[MAIN_TEACHER]}` | 0 | {fmt(probe.get('val_top1'))} | "
                 f"{fmt(probe.get('test_top1'))} | {fmt(wall_min(f'pretrain_{MAIN_TEACHER}', f'probe_{MAIN_TEACHER}'), '.1f')}"
                 f" | 34.5 |")
     multi("phase 1 + full fine-tune", "finetune", "39.4", seeds=(0,))
-    multi("phase 1 + phase 2 (OFD distillation)", "distill", "44.6", seeds=SEEDS)
+    chosen = decided(chosen_distill)
+    for recipe in DISTILL_CANDIDATES:
+        lam = "lambda 1e-4" if recipe.endswith("1e-4") else "lambda 1e-3"
+        if recipe == chosen:
+            multi(f"phase 1 + phase 2 (OFD, {lam}; chosen on val)", recipe, "44.6")
+            means["distill"] = means[recipe]
+        else:
+            multi(f"phase 1 + phase 2 (OFD, {lam})", recipe, "-", seeds=(0,))
     return rows, means
 
 
 def trick_rows() -> list[str]:
-    rows = []
-    plain, tricks = student_val("distill_s0"), student_val("tricks_s0")
-    kept = None if plain is None or tricks is None else tricks > plain
-    rows.append(f"| phase 1 + phase 2 | `distill.yaml` (seed 0) | {fmt(plain)} | {fmt(eval_top1('distill_s0_test'))} "
-                f"| base | 47.2 |")
-    rows.append(f"| + AutoAugment (CIFAR-10 policy) + label smoothing 0.1 | `tricks.yaml` (seed 0) | {fmt(tricks)} | "
-                f"{fmt(eval_top1('tricks_s0_test'))} | {'-' if kept is None else ('kept' if kept else 'dropped')} "
-                f"| 64.2 -> 65.7 |")
-    if kept is None:
+    chosen = decided(chosen_distill)
+    if chosen is None:
+        return []
+    plain, tricks = student_val(f"{chosen}_s0"), student_val("tricks_s0")
+    kept = None if tricks is None else tricks > plain
+    rows = [f"| phase 1 + phase 2 | {config_cell(chosen)} (seed 0) | {fmt(plain)} | "
+            f"{fmt(eval_top1(f'{chosen}_s0_test'))} | base | 47.2 |",
+            f"| + AutoAugment (CIFAR-10 policy) + label smoothing 0.1 | {config_cell('tricks')} (seed 0) | "
+            f"{fmt(tricks)} | {fmt(eval_top1('tricks_s0_test'))} | {kept_cell(kept)} | 64.2 -> 65.7 |"]
+    recipe = decided(chain_recipe)
+    if recipe is None:
         return rows
-    recipe = "tricks" if kept else "distill"
+    best_val = student_val(f"{recipe}_s0")
     crop_val, crop_test = eval_top1(f"{recipe}_s0_10crop_val"), eval_top1(f"{recipe}_s0_10crop_test")
-    crop_kept = None if crop_val is None else crop_val > student_val(f"{recipe}_s0")
-    rows.append(f"| + 10-crop test | `{recipe}.yaml` (seed 0), `--ten-crop` | {fmt(crop_val)} | {fmt(crop_test)} | "
-                f"{'-' if crop_kept is None else ('kept' if crop_kept else 'dropped')} | 65.7 -> 66.2 |")
+    crop_kept = None if crop_val is None else crop_val > best_val
+    rows.append(f"| + 10-crop test | {config_cell(recipe)} (seed 0), `--ten-crop` | {fmt(crop_val)} | "
+                f"{fmt(crop_test)} | {kept_cell(crop_kept)} | 65.7 -> 66.2 |")
+    if crop_kept:
+        best_val = crop_val
     ens_val, ens_test = eval_top1("ensemble_val"), eval_top1("ensemble_test")
     rep = load(RUNS / "eval" / "ensemble_val" / "report.json")
-    views = rep["views"] if rep else "-"
-    rows.append(f"| + ensemble of two models (seeds 0, 1; {views}) | `{recipe}.yaml` x2 | {fmt(ens_val)} | "
-                f"{fmt(ens_test)} | {'-' if ens_val is None else ('kept' if ens_val > max(filter(None, [crop_val if crop_kept else None, student_val(f'{recipe}_s0')])) else 'dropped')} "
+    rows.append(f"| + ensemble of two models (seeds 0, 1; {rep['views'] if rep else '-'}) | {config_cell(recipe)} x2 | "
+                f"{fmt(ens_val)} | {fmt(ens_test)} | {kept_cell(None if ens_val is None else ens_val > best_val)} "
                 f"| 66.2 -> 68.8 |")
     return rows
 
 
 def margin_rows() -> list[str]:
     rows = []
-    for name, cfg in TEACHERS.items():
+    for name, cfg in list(TEACHERS.items())[1:]:
         metrics = load(RUNS / f"teacher_{name}" / "metrics.json") or {}
         probe = load(RUNS / f"teacher_{name}" / "probe.json") or {}
-        m, k = name[1:].split("_k")
+        m, k = name[1:].split("_")[0], name.split("_k")[1].split("_")[0]
         rows.append(f"| {m} | {k} | `{cfg}` | {fmt(metrics.get('knn_top1'))} | {fmt(probe.get('val_knn_top1'))} | "
                     f"{fmt(probe.get('test_knn_top1'))} | {fmt(probe.get('val_top1'))} | {fmt(probe.get('test_top1'))} | "
                     f"{fmt(wall_min(f'pretrain_{name}'), '.1f')} |")
@@ -288,7 +362,7 @@ def table(steps: list[Step]) -> str:
            "### Bag of tricks, each row on top of the one above if val kept it (paper: VIPriors test)", "",
            "| configuration | config | val top-1 | test top-1 | on val | paper |", "|---|---|---|---|---|---|",
            *trick_rows(), "",
-           "### Margin ablation (teacher only; k-NN k=50, t=0.1 and linear probe, both fit on train)", "",
+           "### Margin ablation (teachers of 50 epochs; k-NN k=50, t=0.1 and linear probe, both fit on train)", "",
            "| m | K | config | k-NN val (monitor) | k-NN val | k-NN test | linear val | linear test | min |",
            "|---|---|---|---|---|---|---|---|---|", *margin_rows(), "",
            "### Every command, in the order run", "", "```", *commands_block(steps), "```", "", END]
@@ -316,14 +390,13 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(args.data, "train").is_dir():
             raise SystemExit(f"{args.data}/train not found: pass --data PATH/TO/cifar10-50")
         only = set(args.only) if args.only else None
-        run_all(planned_steps(args.data), only)
-        if only is None or any(not n.startswith(("pretrain", "probe")) for n in only):
-            run_all(decided_steps(args.data), only)
-    steps = planned_steps(args.data)
-    try:
-        steps += decided_steps(args.data)
-    except SystemExit:  # the tricks rows are not trained yet: table what there is
-        pass
+        for stage in STAGES:
+            try:
+                run_all(stage(args.data), only)
+            except NotDecided as exc:  # only with --only: a later stage waits for its runs
+                print(f"stopping before {stage.__name__}: {exc}", flush=True)
+                break
+    steps = known_steps(args.data)
     write_table(steps)
     return 0
 

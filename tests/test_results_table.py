@@ -38,13 +38,15 @@ def fake_student(mod, run: str, val: float, test: float, wall: float = 60.0) -> 
 
 
 def test_every_step_is_a_valid_command_with_a_valid_config(repro):
-    fake_student(repro, "tricks_s0", 40.0, 41.0)
+    assert [s.name for s in repro.known_steps("DATA")][-2:] == ["finetune_s0", "eval_finetune_s0_test"]
     fake_student(repro, "distill_s0", 42.0, 43.0)
-    steps = repro.planned_steps("DATA") + repro.decided_steps("DATA")
+    fake_student(repro, "distill_l1e-4_s0", 44.0, 45.0)   # lambda 1e-4 wins on val
+    fake_student(repro, "tricks_s0", 40.0, 41.0)           # tricks lose on val
+    steps = repro.known_steps("DATA")
     names = [s.name for s in steps]
     assert len(names) == len(set(names))
-    for recipe in ("supervised", "distill"):
-        assert {f"{recipe}_s{s}" for s in repro.SEEDS} <= set(names)
+    assert {f"{r}_s{s}" for r in ("supervised", "distill_l1e-4") for s in repro.SEEDS} <= set(names)
+    assert "distill_s1" not in names and "tricks_s1" not in names
     for step in steps:
         args = build_parser().parse_args(step.argv)
         cfg = _load(args)  # config files exist and validate
@@ -52,8 +54,10 @@ def test_every_step_is_a_valid_command_with_a_valid_config(repro):
         if step.argv[0] == "distill":
             assert (args.teacher is None) == (cfg.student.mode == "supervised")
             assert cfg.student.seed == int(step.name.rsplit("_s", 1)[1])
-    # tricks lost on val: the test-time tricks and the ensemble use plain distillation
-    assert all("tricks" not in s.name for s in repro.decided_steps("DATA"))
+            if step.name.startswith("tricks"):  # the tricks sit on the val-chosen lambda
+                assert cfg.student.distill_weight == 1e-4 and cfg.student.autoaugment == "cifar10"
+    ensemble = [s for s in steps if s.name == "eval_ensemble_test"][0]
+    assert ensemble.argv.count("--model") == 2 and "distill_l1e-4_s1" in " ".join(ensemble.argv)
 
 
 def test_table_statistics_and_val_decisions(repro):
@@ -62,13 +66,15 @@ def test_table_statistics_and_val_decisions(repro):
         fake_student(repro, f"supervised_s{seed}", val, test)
     for seed, (val, test) in enumerate([(40, 41), (42, 43), (44, 48)]):
         fake_student(repro, f"distill_s{seed}", val, test)
+    fake_student(repro, "distill_l1e-4_s0", 39.0, 50.0)  # loses on val: its test number must not matter
     fake_student(repro, "tricks_s0", 45.0, 46.0)  # beats distill_s0 on val: kept
     fake_student(repro, "tricks_s1", 44.0, 45.0)
     put(repro.RUNS / "eval" / "tricks_s0_10crop_val" / "report.json", {"top1": 44.5})  # worse on val
     put(repro.RUNS / "eval" / "ensemble_val" / "report.json", {"top1": 47.0, "views": "centre crop"})
     put(repro.RUNS / "eval" / "ensemble_test" / "report.json", {"top1": 49.0})
+    assert repro.chosen_distill() == "distill"
     assert repro.chain_recipe() == "tricks" and not repro.ten_crop_helps("tricks")
-    steps = repro.planned_steps("DATA") + repro.decided_steps("DATA")
+    steps = repro.known_steps("DATA")
     assert not any("--ten-crop" in s.argv for s in steps if s.name.startswith("eval_ensemble"))
     repro.write_table(steps)
     doc = repro.RESULTS.read_text()
