@@ -116,18 +116,23 @@ def stage_seeds(data: str) -> list[Step]:
     return steps
 
 
-def stage_test_time(data: str) -> list[Step]:
-    """Test-time tricks on the recipe val kept: 10-crop, then a 2-model ensemble of it (seed 0)
-    with the chosen distillation recipe's seed 1 (two different models, no extra training)."""
+def stage_ten_crop(data: str) -> list[Step]:
+    """Needs the tricks decision: 10-crop of the recipe val kept (seed 0)."""
+    recipe = chain_recipe()
+    return [evaluate(data, f"{recipe}_s0_10crop_{split}", [f"{recipe}_s0"], split, ten_crop=True)
+            for split in ("val", "test")]
+
+
+def stage_ensemble(data: str) -> list[Step]:
+    """Needs the 10-crop decision: that model + the chosen distillation recipe's seed 1 (two
+    different models, no extra training), with the views val kept."""
     recipe = chain_recipe()
     members = [f"{recipe}_s0", f"{chosen_distill()}_s1"]
-    steps = [evaluate(data, f"{recipe}_s0_10crop_{split}", members[:1], split, ten_crop=True)
-             for split in ("val", "test")]
     ten_crop = ten_crop_helps(recipe)
-    return steps + [evaluate(data, f"ensemble_{split}", members, split, ten_crop=ten_crop) for split in ("val", "test")]
+    return [evaluate(data, f"ensemble_{split}", members, split, ten_crop=ten_crop) for split in ("val", "test")]
 
 
-STAGES = (stage_rows, stage_seeds, stage_test_time)
+STAGES = (stage_rows, stage_seeds, stage_ten_crop, stage_ensemble)
 
 
 def known_steps(data: str) -> list[Step]:
@@ -153,8 +158,9 @@ def record_path(step: Step) -> Path:
 
 
 def is_done(step: Step) -> bool:
-    rec = record_path(step)
-    return rec.is_file() and json.loads(rec.read_text())["rc"] == 0 and step.output.exists()
+    """Succeeded with this very command (a changed command, e.g. after a new val decision, reruns)."""
+    rec = load(record_path(step))
+    return bool(rec) and rec["rc"] == 0 and rec["argv"] == ["raypipe", *step.argv] and step.output.exists()
 
 
 def run_step(step: Step) -> None:
@@ -196,6 +202,11 @@ def eval_top1(name: str) -> float | None:
     return r["top1"] if r else None
 
 
+def test_sizes() -> str:
+    sizes = sorted({load(r)["n_images"] for r in (RUNS / "eval").glob("*_test/report.json")})
+    return ", ".join(f"{n:,}" for n in sizes)
+
+
 def wall_min(*steps: str) -> float | None:
     recs = [load(RUNS / "steps" / f"{s}.json") for s in steps]
     return sum(r["wall_s"] for r in recs) / 60 if all(recs) else None
@@ -219,7 +230,9 @@ def chain_recipe() -> str:
 
 def ten_crop_helps(recipe: str) -> bool:
     crop10 = eval_top1(f"{recipe}_s0_10crop_val")
-    return crop10 is not None and crop10 > student_val(f"{recipe}_s0")
+    if crop10 is None:
+        raise NotDecided(f"the 10-crop decision needs eval_{recipe}_s0_10crop_val")
+    return crop10 > student_val(f"{recipe}_s0")
 
 
 # ---- the table ------------------------------------------------------------------------------------
@@ -351,8 +364,11 @@ def table(steps: list[Step]) -> str:
     total = sum(r["wall_s"] for r in recs) / 3600
     out = [BEGIN, "",
            f"Machine: {'; '.join(machines) or '-'}. Steps recorded: {len(recs)}, {total:.2f} h of wall time in all.",
-           "Test = all 10,000 CIFAR-10 test images (centre crop unless stated). Val = the 500 held-out "
-           "`val` images (final epoch). Multi-seed cells: **mean ± sample sd** (each seed).", "",
+           f"Test = the CIFAR-10 test set (images per test report: {test_sizes() or '-'}; centre crop unless "
+           "stated). Val = the 500 held-out `val` images (model of the final epoch). Multi-seed cells: "
+           "**mean ± sample sd** (each seed). *min per seed*: wall minutes of the row's own training + "
+           "test evaluation; rows that start from the teacher also need its pre-training (in the "
+           "linear-probe row's minutes, with the probe).", "",
            "### Phase ablation (paper: ResNet-50, ImageNet subset with 50 images/class, VIPriors val)", "",
            "| row | config | seeds | val top-1 | test top-1 | min per seed | paper |",
            "|---|---|---|---|---|---|---|", *phase, "",

@@ -31,7 +31,8 @@ def put(path: Path, payload: dict) -> None:
 
 def fake_student(mod, run: str, val: float, test: float, wall: float = 60.0) -> None:
     put(mod.RUNS / run / "metrics.json", {"val_top1": val})
-    put(mod.RUNS / "eval" / f"{run}_test" / "report.json", {"top1": test, "views": "centre crop"})
+    put(mod.RUNS / "eval" / f"{run}_test" / "report.json", {"top1": test, "views": "centre crop",
+                                                                     "n_images": 10000})
     for step in (run, f"eval_{run}_test"):
         put(mod.RUNS / "steps" / f"{step}.json", {"name": step, "argv": ["raypipe", step], "rc": 0,
                                                   "wall_s": wall, "machine": "test box"})
@@ -42,6 +43,9 @@ def test_every_step_is_a_valid_command_with_a_valid_config(repro):
     fake_student(repro, "distill_s0", 42.0, 43.0)
     fake_student(repro, "distill_l1e-4_s0", 44.0, 45.0)   # lambda 1e-4 wins on val
     fake_student(repro, "tricks_s0", 40.0, 41.0)           # tricks lose on val
+    names = [s.name for s in repro.known_steps("DATA")]
+    assert names[-1] == "eval_distill_l1e-4_s0_10crop_test"  # the ensemble waits for the 10-crop decision
+    put(repro.RUNS / "eval" / "distill_l1e-4_s0_10crop_val" / "report.json", {"top1": 45.0})  # 10-crop helps
     steps = repro.known_steps("DATA")
     names = [s.name for s in steps]
     assert len(names) == len(set(names))
@@ -59,6 +63,14 @@ def test_every_step_is_a_valid_command_with_a_valid_config(repro):
     ensemble = [s for s in steps if s.name == "eval_ensemble_test"][0]
     assert ensemble.argv.count("--model") == 2 and "distill_l1e-4_s1" in " ".join(ensemble.argv)
     assert "distill_l1e-4_s0" in " ".join(ensemble.argv)  # tricks lost on val: plain distillation x2
+    assert "--ten-crop" in ensemble.argv
+    # a step counts as done only for the command it was run with
+    repro.RUNS.joinpath("eval", "ensemble_test").mkdir(parents=True)
+    repro.RUNS.joinpath("eval", "ensemble_test", "report.json").write_text("{}")
+    put(repro.record_path(ensemble), {"rc": 0, "argv": ["raypipe", *ensemble.argv]})
+    assert repro.is_done(ensemble)
+    put(repro.record_path(ensemble), {"rc": 0, "argv": ["raypipe", *ensemble.argv[:-1]]})
+    assert not repro.is_done(ensemble)
 
 
 def test_table_statistics_and_val_decisions(repro):
@@ -71,7 +83,7 @@ def test_table_statistics_and_val_decisions(repro):
     fake_student(repro, "tricks_s0", 45.0, 46.0)  # beats distill_s0 on val: kept
     put(repro.RUNS / "eval" / "tricks_s0_10crop_val" / "report.json", {"top1": 44.5})  # worse on val
     put(repro.RUNS / "eval" / "ensemble_val" / "report.json", {"top1": 47.0, "views": "centre crop"})
-    put(repro.RUNS / "eval" / "ensemble_test" / "report.json", {"top1": 49.0})
+    put(repro.RUNS / "eval" / "ensemble_test" / "report.json", {"top1": 49.0, "n_images": 9999})
     assert repro.chosen_distill() == "distill"
     assert repro.chain_recipe() == "tricks" and not repro.ten_crop_helps("tricks")
     steps = repro.known_steps("DATA")
@@ -80,6 +92,7 @@ def test_table_statistics_and_val_decisions(repro):
     doc = repro.RESULTS.read_text()
     assert doc.startswith("# Results\n\nhand-written intro") and doc.rstrip().endswith("Discussion.")
     assert "old" not in doc
+    assert "images per test report: 9,999, 10,000" in doc        # a short test report shows up
     assert "**33.00 ± 2.00** (31.00, 33.00, 35.00)" in doc        # supervised test: mean ± sample sd
     assert "**44.00 ± 3.61**" in doc                               # distill test 41, 43, 48
     assert "**+11.00 points**" in doc                              # 44 - 33
