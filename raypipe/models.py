@@ -35,10 +35,9 @@ def build_backbone(backbone: str, small_stem: bool, num_classes: int = 0,
     ``small_stem`` swaps the 7x7/2 conv + max-pool for a 3x3 conv of stride ``stem_stride``
     (inputs of 32-64 px; stride 2 costs 4x fewer FLOPs). Returns the model and its feature width.
     """
-    name = backbone
-    factory = getattr(torchvision.models, name, None)
+    factory = getattr(torchvision.models, backbone, None)
     if factory is None:
-        raise ValueError(f"unknown backbone {name!r}")
+        raise ValueError(f"unknown backbone {backbone!r}")
     model = factory(weights=None)
     if small_stem:
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
