@@ -33,8 +33,10 @@ SEEDS = (0, 1, 2)
 # teacher name -> config: the phase-2 teacher (m = 0.4, K = 128, 100 epochs), then the margin
 # ablation (m = 0 / 0.4 x K = 128 / 480, 40 epochs each: the CPU budget)
 MAIN_TEACHER = "m0.4_k128"
-TEACHERS = {MAIN_TEACHER: "base.yaml", **{f"m{m}_k{k}_e40": f"ablation_m{m}_k{k}.yaml"
-                                          for m in ("0.4", "0") for k in (128, 480)}}
+ABLATION_TEACHERS = {f"m{m}_k{k}_e40": f"ablation_m{m}_k{k}.yaml" for m in ("0.4", "0") for k in (128, 480)}
+# follow-up to the goal miss: the stride-1 stem (4x the compute) with the val-chosen m = 0
+STRIDE1_TEACHER = "m0_k128_s1"
+TEACHERS = {MAIN_TEACHER: "base.yaml", **ABLATION_TEACHERS, STRIDE1_TEACHER: "stride1_teacher.yaml"}
 BEGIN, END = "<!-- results:begin (written by experiments/cifar10_50.py) -->", "<!-- results:end -->"
 
 
@@ -64,8 +66,12 @@ def pretrain(data: str, name: str) -> list[Step]:
 
 # recipe -> its config file (in CONFIGS); "tricks" = the val-chosen distillation recipe + TRICKS
 RECIPES = {"supervised": "supervised.yaml", "finetune": "finetune.yaml", "distill": "distill.yaml",
-           "distill_l1e-4": "distill_l1e-4.yaml"}
+           "distill_l1e-4": "distill_l1e-4.yaml", "supervised_budget": "supervised_budget.yaml",
+           "s1_supervised": "stride1_supervised.yaml", "s1_distill": "stride1_distill.yaml",
+           "s1_distill_l2.5e-5": "stride1_distill_l2.5e-5.yaml"}
+SUPERVISED = ("supervised", "supervised_budget", "s1_supervised")  # rows without a teacher
 DISTILL_CANDIDATES = ("distill", "distill_l1e-4")  # lambda 1e-3 vs 1e-4, picked on val (seed 0)
+S1_DISTILL_CANDIDATES = ("s1_distill", "s1_distill_l2.5e-5")  # the same choice for the stride-1 stem
 TRICKS = ["student.autoaugment=cifar10", "student.label_smoothing=0.1"]
 
 
@@ -79,13 +85,13 @@ def recipe_args(recipe: str) -> tuple[str, list[str]]:
     return RECIPES[recipe], []
 
 
-def student(data: str, recipe: str, seed: int) -> list[Step]:
+def student(data: str, recipe: str, seed: int, teacher: str = MAIN_TEACHER) -> list[Step]:
     """Train one student row and evaluate it on test."""
     run = f"{recipe}_s{seed}"
     config, overrides = recipe_args(recipe)
     argv = ["distill", data, f"student.seed={seed}", *overrides, "--config", f"{CONFIGS}/{config}", "--name", run]
-    if recipe != "supervised":  # every other row starts from the teacher
-        argv += ["--teacher", str(teacher_file(MAIN_TEACHER))]
+    if recipe not in SUPERVISED:  # every other row starts from the teacher
+        argv += ["--teacher", str(teacher_file(teacher))]
     return [Step(run, argv, student_file(run)), evaluate(data, f"{run}_test", [run], "test")]
 
 
@@ -111,7 +117,7 @@ def stage_seeds(data: str) -> list[Step]:
     steps = student(data, "tricks", 0)
     for seed in SEEDS[1:]:
         steps += student(data, "supervised", seed) + student(data, chosen, seed)
-    for name in list(TEACHERS)[1:]:
+    for name in ABLATION_TEACHERS:
         steps += pretrain(data, name)
     return steps
 
@@ -132,7 +138,15 @@ def stage_ensemble(data: str) -> list[Step]:
     return [evaluate(data, f"ensemble_{split}", members, split, ten_crop=ten_crop) for split in ("val", "test")]
 
 
-STAGES = (stage_rows, stage_seeds, stage_ten_crop, stage_ensemble)
+def stage_followups(data: str) -> list[Step]:
+    """After the goal miss: the stride-1 stem for phase 1 + phase 2 and its own supervised
+    baseline, then the supervised baseline given phase 1 + phase 2's CPU time (seed 0 each)."""
+    steps = pretrain(data, STRIDE1_TEACHER) + student(data, "s1_distill", 0, teacher=STRIDE1_TEACHER)
+    steps += student(data, "s1_supervised", 0) + student(data, "supervised_budget", 0)
+    return steps + student(data, "s1_distill_l2.5e-5", 0, teacher=STRIDE1_TEACHER)
+
+
+STAGES = (stage_rows, stage_seeds, stage_ten_crop, stage_ensemble, stage_followups)
 
 
 def known_steps(data: str) -> list[Step]:
@@ -212,12 +226,12 @@ def wall_min(*steps: str) -> float | None:
     return sum(r["wall_s"] for r in recs) / 60 if all(recs) else None
 
 
-def chosen_distill() -> str:
+def chosen_distill(candidates: tuple[str, ...] = DISTILL_CANDIDATES) -> str:
     """The distillation recipe (lambda) with the best val top-1 on seed 0."""
-    vals = {r: student_val(f"{r}_s0") for r in DISTILL_CANDIDATES}
+    vals = {r: student_val(f"{r}_s0") for r in candidates}
     if None in vals.values():
-        raise NotDecided("the lambda decision needs " + ", ".join(f"{r}_s0" for r in DISTILL_CANDIDATES))
-    return max(DISTILL_CANDIDATES, key=lambda r: vals[r])
+        raise NotDecided("the lambda decision needs " + ", ".join(f"{r}_s0" for r in candidates))
+    return max(candidates, key=lambda r: vals[r])
 
 
 def chain_recipe() -> str:
@@ -334,7 +348,7 @@ def trick_rows() -> list[str]:
 
 def margin_rows() -> list[str]:
     rows = []
-    for name, cfg in list(TEACHERS.items())[1:]:
+    for name, cfg in ABLATION_TEACHERS.items():
         metrics = load(RUNS / f"teacher_{name}" / "metrics.json") or {}
         probe = load(RUNS / f"teacher_{name}" / "probe.json") or {}
         m, k = name[1:].split("_")[0], name.split("_k")[1].split("_")[0]
@@ -342,6 +356,39 @@ def margin_rows() -> list[str]:
                     f"{fmt(probe.get('test_knn_top1'))} | {fmt(probe.get('val_top1'))} | {fmt(probe.get('test_top1'))} | "
                     f"{fmt(wall_min(f'pretrain_{name}'), '.1f')} |")
     return rows
+
+
+def followup_rows(means: dict) -> tuple[list[str], list[str]]:
+    """The stride-1 rows and the budget-matched baseline (seed 0), and the gaps they give."""
+    def row(label, recipe):
+        run = f"{recipe}_s0"
+        means[recipe] = eval_top1(f"{run}_test")
+        return (f"| {label} | {config_cell(recipe)} | {fmt(student_val(run))} | {fmt(means[recipe])} | "
+                f"{fmt(wall_min(run, f'eval_{run}_test'), '.1f')} |")
+
+    name = STRIDE1_TEACHER
+    probe = load(RUNS / f"teacher_{name}" / "probe.json") or {}
+    rows = [row("supervised from scratch, 240 epochs (the CPU time of phase 1 + phase 2)", "supervised_budget"),
+            row("stride 1: supervised from scratch", "s1_supervised"),
+            f"| stride 1: phase 1 (m = 0, K = 128) + linear probe (k-NN val {fmt(probe.get('val_knn_top1'))}, "
+            f"test {fmt(probe.get('test_knn_top1'))}) | `{TEACHERS[name]}` | {fmt(probe.get('val_top1'))} | "
+            f"{fmt(probe.get('test_top1'))} | {fmt(wall_min(f'pretrain_{name}', f'probe_{name}'), '.1f')} |"]
+    chosen = decided(lambda: chosen_distill(S1_DISTILL_CANDIDATES))
+    for recipe in S1_DISTILL_CANDIDATES:
+        lam = recipe.rsplit("_l", 1)[1] if "_l" in recipe else "1e-4"
+        rows.append(row(f"stride 1: phase 1 + phase 2 (OFD, lambda {lam}"
+                        f"{'; chosen on val' if recipe == chosen else ''})", recipe))
+    if chosen:
+        means["s1_chosen"] = means[chosen]
+
+    def gap(a, b):
+        return None if means.get(a) is None or means.get(b) is None else means[a] - means[b]
+
+    gaps = [f"Phase 1 + phase 2 (stride 2, seed mean) minus the budget-matched supervised baseline: "
+            f"**{fmt(gap('distill', 'supervised_budget'), '+.2f')} points**; with the stride-1 stem, phase 1 + "
+            f"phase 2 (lambda chosen on val) minus supervised: "
+            f"**{fmt(gap('s1_chosen', 's1_supervised'), '+.2f')} points** (seed 0 each)."]
+    return rows, gaps
 
 
 def commands_block(steps: list[Step]) -> list[str]:
@@ -356,6 +403,7 @@ def commands_block(steps: list[Step]) -> list[str]:
 
 def table(steps: list[Step]) -> str:
     phase, means = phase_rows()
+    followups, followup_gaps = followup_rows(means)
     gap = None if means.get("distill") is None or means.get("supervised") is None else \
         means["distill"] - means["supervised"]
     recs = [load(record_path(s)) for s in steps]
@@ -377,6 +425,9 @@ def table(steps: list[Step]) -> str:
            "### Bag of tricks, each row on top of the one above if val kept it (paper: VIPriors test)", "",
            "| configuration | config | val top-1 | test top-1 | on val | paper |", "|---|---|---|---|---|---|",
            *trick_rows(), "",
+           "### Follow-ups to the goal miss (seed 0; test = 10,000 images)", "",
+           "| row | config | val top-1 | test top-1 | min |", "|---|---|---|---|---|", *followups, "",
+           *followup_gaps, "",
            "### Margin ablation (teachers of 40 epochs; k-NN k=50, t=0.1 and linear probe, both fit on train)", "",
            "| m | K | config | k-NN val (monitor) | k-NN val | k-NN test | linear val | linear test | min |",
            "|---|---|---|---|---|---|---|---|---|", *margin_rows(), "",

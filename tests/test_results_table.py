@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from raypipe.cli import _load, build_parser
+from raypipe.models import arch_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,15 +52,24 @@ def test_every_step_is_a_valid_command_with_a_valid_config(repro):
     assert len(names) == len(set(names))
     assert {f"{r}_s{s}" for r in ("supervised", "distill_l1e-4") for s in repro.SEEDS} <= set(names)
     assert "distill_s1" not in names and "tricks_s1" not in names
+    assert {"pretrain_m0_k128_s1", "s1_distill_s0", "s1_distill_l2.5e-5_s0", "s1_supervised_s0",
+            "supervised_budget_s0"} <= set(names)
+    teacher_arch = {}  # teacher file -> the architecture its pretrain step trains
     for step in steps:
         args = build_parser().parse_args(step.argv)
         cfg = _load(args)  # config files exist and validate
         assert cfg.data.root == "DATA" and cfg.data.resolution == 32
+        if step.argv[0] == "pretrain":
+            teacher_arch[str(repro.teacher_file(step.argv[step.argv.index("--name") + 1][len("teacher_"):]))] = \
+                arch_of(cfg.teacher)
         if step.argv[0] == "distill":
             assert (args.teacher is None) == (cfg.student.mode == "supervised")
             assert cfg.student.seed == int(step.name.rsplit("_s", 1)[1])
             if step.name.startswith("tricks"):  # the tricks sit on the val-chosen lambda
                 assert cfg.student.distill_weight == 1e-4 and cfg.student.autoaugment == "cifar10"
+            if args.teacher:  # each student is paired with a teacher of its own architecture
+                assert teacher_arch[args.teacher] == arch_of(cfg.student), step.name
+    assert teacher_arch[str(repro.teacher_file("m0_k128_s1"))]["stem_stride"] == 1
     ensemble = [s for s in steps if s.name == "eval_ensemble_test"][0]
     assert ensemble.argv.count("--model") == 2 and "distill_l1e-4_s1" in " ".join(ensemble.argv)
     assert "distill_l1e-4_s0" in " ".join(ensemble.argv)  # tricks lost on val: plain distillation x2
@@ -88,8 +98,15 @@ def test_table_statistics_and_val_decisions(repro):
     assert repro.chain_recipe() == "tricks" and not repro.ten_crop_helps("tricks")
     steps = repro.known_steps("DATA")
     assert not any("--ten-crop" in s.argv for s in steps if s.name.startswith("eval_ensemble"))
+    fake_student(repro, "supervised_budget_s0", 38.0, 40.0)
+    fake_student(repro, "s1_supervised_s0", 36.0, 37.5)
+    fake_student(repro, "s1_distill_s0", 37.0, 40.0)
+    fake_student(repro, "s1_distill_l2.5e-5_s0", 39.0, 39.0)  # wins on val: the gap uses it
     repro.write_table(steps)
     doc = repro.RESULTS.read_text()
+    assert "budget-matched supervised baseline: **+4.00 points**" in doc   # 44 (3-seed mean) - 40
+    assert "(lambda chosen on val) minus supervised: **+1.50 points**" in doc   # 39 - 37.5
+    assert "lambda 2.5e-5; chosen on val)" in doc and "lambda 1e-4)" in doc
     assert doc.startswith("# Results\n\nhand-written intro") and doc.rstrip().endswith("Discussion.")
     assert "old" not in doc
     assert "images per test report: 9,999, 10,000" in doc        # a short test report shows up
