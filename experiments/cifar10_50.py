@@ -139,8 +139,9 @@ def stage_ensemble(data: str) -> list[Step]:
 
 
 def stage_followups(data: str) -> list[Step]:
-    """After the goal miss: the stride-1 stem for phase 1 + phase 2 and its own supervised
-    baseline, then the supervised baseline given phase 1 + phase 2's CPU time (seed 0 each)."""
+    """After the goal miss (seed 0 each): the stride-1 stem for phase 1 + phase 2 (both stride-1
+    lambdas, the table picks on val) and its own supervised baseline, and the supervised baseline
+    given phase 1 + phase 2's CPU time."""
     steps = pretrain(data, STRIDE1_TEACHER) + student(data, "s1_distill", 0, teacher=STRIDE1_TEACHER)
     steps += student(data, "s1_supervised", 0) + student(data, "supervised_budget", 0)
     return steps + student(data, "s1_distill_l2.5e-5", 0, teacher=STRIDE1_TEACHER)
