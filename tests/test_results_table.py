@@ -102,10 +102,17 @@ def test_table_statistics_and_val_decisions(repro):
     fake_student(repro, "s1_supervised_s0", 36.0, 37.5)
     fake_student(repro, "s1_distill_s0", 37.0, 40.0)
     fake_student(repro, "s1_distill_l2.5e-5_s0", 39.0, 39.0)  # wins on val: the gap uses it
+    steps = repro.known_steps("DATA")  # now the stride-1 lambda is decided: its second seed is planned
+    second = [s for s in steps if s.name.endswith("_s1") and s.name.startswith("s1_")]
+    assert [s.name for s in second] == ["s1_supervised_s1", "s1_distill_l2.5e-5_s1"]
+    assert second[1].argv[second[1].argv.index("--teacher") + 1] == str(repro.teacher_file("m0_k128_s1"))
+    fake_student(repro, "s1_supervised_s1", 36.0, 38.5)
+    fake_student(repro, "s1_distill_l2.5e-5_s1", 40.0, 42.0)
     repro.write_table(steps)
     doc = repro.RESULTS.read_text()
     assert "budget-matched supervised baseline: **+4.00 points**" in doc   # 44 (3-seed mean) - 40
-    assert "(lambda chosen on val) minus supervised: **+1.50 points**" in doc   # 39 - 37.5
+    assert "(lambda chosen on val) minus supervised: **+2.50 points**" in doc   # (39 + 42)/2 - (37.5 + 38.5)/2
+    assert "| 0,1 | **36.00 ± 0.00** (36.00, 36.00) | **38.00 ± 0.71** (37.50, 38.50) |" in doc
     assert "lambda 2.5e-5; chosen on val)" in doc and "lambda 1e-4)" in doc
     assert doc.startswith("# Results\n\nhand-written intro") and doc.rstrip().endswith("Discussion.")
     assert "old" not in doc
