@@ -300,18 +300,23 @@ def kept_cell(better: bool | None) -> str:
     return "-" if better is None else ("kept" if better else "dropped")
 
 
+def seeds_row(label: str, recipe: str, seeds: tuple[int, ...], means: dict) -> str:
+    """`| label | config | seeds done | val | test | min per seed |` of a student row; its test mean
+    goes to means[recipe]."""
+    runs = [f"{recipe}_s{s}" for s in seeds]
+    test = [eval_top1(f"{r}_test") for r in runs]
+    done = [s for s, t in zip(seeds, test) if t is not None]
+    means[recipe] = mean_or_none(test)
+    walls = [wall_min(f"{recipe}_s{s}", f"eval_{recipe}_s{s}_test") for s in done]
+    return (f"| {label} | {config_cell(recipe)} | {','.join(map(str, done)) or '-'} | "
+            f"{seeds_cell([student_val(r) for r in runs])} | {seeds_cell(test)} | {fmt(mean_or_none(walls), '.1f')} |")
+
+
 def phase_rows() -> tuple[list[str], dict]:
     rows, means = [], {}
 
     def multi(label, recipe, paper, seeds=SEEDS):
-        runs = [f"{recipe}_s{s}" for s in seeds]
-        test = [eval_top1(f"{r}_test") for r in runs]
-        val = [student_val(r) for r in runs]
-        done = [s for s, t in zip(seeds, test) if t is not None]
-        means[recipe] = mean_or_none(test)
-        walls = [wall_min(f"{recipe}_s{s}", f"eval_{recipe}_s{s}_test") for s in done]
-        rows.append(f"| {label} | {config_cell(recipe)} | {','.join(map(str, done)) or '-'} | {seeds_cell(val)} | "
-                    f"{seeds_cell(test)} | {fmt(mean_or_none(walls), '.1f')} | {paper} |")
+        rows.append(f"{seeds_row(label, recipe, seeds, means)} {paper} |")
 
     multi("supervised from scratch", "supervised", "27.9")
     probe = load(RUNS / f"teacher_{MAIN_TEACHER}" / "probe.json") or {}
@@ -376,15 +381,7 @@ def followup_rows(means: dict) -> tuple[list[str], list[str]]:
     chosen = decided(lambda: chosen_distill(S1_DISTILL_CANDIDATES))
 
     def row(label, recipe):
-        seeds = FOLLOWUP_SEEDS if recipe in ("s1_supervised", chosen) else (0,)
-        runs = [f"{recipe}_s{s}" for s in seeds]
-        test = [eval_top1(f"{r}_test") for r in runs]
-        done = [s for s, t in zip(seeds, test) if t is not None]
-        means[recipe] = mean_or_none(test)
-        walls = [wall_min(f"{recipe}_s{s}", f"eval_{recipe}_s{s}_test") for s in done]
-        return (f"| {label} | {config_cell(recipe)} | {','.join(map(str, done)) or '-'} | "
-                f"{seeds_cell([student_val(r) for r in runs])} | {seeds_cell(test)} | "
-                f"{fmt(mean_or_none(walls), '.1f')} |")
+        return seeds_row(label, recipe, FOLLOWUP_SEEDS if recipe in ("s1_supervised", chosen) else (0,), means)
 
     name = STRIDE1_TEACHER
     probe = load(RUNS / f"teacher_{name}" / "probe.json") or {}
