@@ -8,9 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, load_config
-from .data import DataError
-from .engine import CheckpointError
+from .config import AVERAGES, PROBE_LRS, ConfigError, load_config
+
+# torch, Ray and the phase modules are imported by the commands that use them: `--help` stays fast.
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -71,22 +71,34 @@ def cmd_distill(args) -> None:
 def cmd_linear_probe(args) -> None:
     from .evaluate import probe_teacher
     cfg = _load(args)
-    scores = probe_teacher(cfg.data, args.teacher, tuple(args.split), epochs=args.epochs, lr=args.lr,
-                           knn_k=cfg.teacher.knn_k, knn_t=cfg.teacher.knn_t)
+    from .models import arch_of
+    if bool(args.teacher) == args.random_init:
+        raise ConfigError("give either --teacher TEACHER.pt or --random-init (the config's teacher backbone, "
+                          "random weights: the baseline a teacher's gain is measured against)")
+    teacher = args.teacher or arch_of(cfg.teacher)
+    scores = probe_teacher(cfg.data, teacher, tuple(args.split), epochs=args.epochs, lrs=tuple(args.lr),
+                           knn_k=cfg.teacher.knn_k, knn_t=cfg.teacher.knn_t, seed=cfg.teacher.seed)
     print(json.dumps(scores, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"teacher": args.teacher, **scores}, indent=2))
+        Path(args.out).write_text(json.dumps({"teacher": args.teacher or "random-init", **scores}, indent=2))
 
 
 def cmd_evaluate(args) -> None:
     from .evaluate import evaluate_models
     cfg = _load(args)
     report = evaluate_models(cfg.data, args.split, args.model, ten_crop=args.ten_crop, weights=args.weights,
-                             out_dir=args.out, submission=args.submission)
+                             out_dir=args.out, submission=args.submission, average=args.average)
     short = {k: report[k] for k in ("split", "views", "n_images", "top1", "top5", "submission") if k in report}
     print(json.dumps(short, indent=2))
     print(f"report: {Path(args.out) / 'report.json'}")
+
+
+def cmd_export(args) -> None:
+    from .export import export_model
+    files = export_model(args.model, args.out, onnx=not args.no_onnx)
+    for kind, path in files.items():
+        print(f"{kind:10s} {path}")
 
 
 def cmd_results(args) -> None:
@@ -97,10 +109,11 @@ def cmd_results(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raypipe", description="Distilling visual priors from self-supervised "
                                 "learning (MoCo v2 + margin, OFD self-distillation) on Ray.")
+    p.add_argument("--version", action="version", version=f"raypipe {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("demo-data", help="write the embedded demo data set (ImageFolder, seconds)")
-    s.add_argument("out")
+    s.add_argument("out", help="folder to write the demo data set to")
     s.add_argument("--train", type=int, default=50, help="images per class")
     s.add_argument("--val", type=int, default=20)
     s.add_argument("--test", type=int, default=20)
@@ -111,11 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("data", help="data utilities: to-parquet, check")
     dsub = s.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     d = dsub.add_parser("to-parquet", help="convert an image folder to Parquet (image bytes + label + path)")
-    d.add_argument("src")
-    d.add_argument("dst")
+    d.add_argument("src", help="image-folder data set root (split folders of class folders)")
+    d.add_argument("dst", help="output folder for the Parquet files")
     d.set_defaults(fn=cmd_to_parquet)
     d = dsub.add_parser("check", help="index a data set and report its splits (no Ray)")
-    d.add_argument("data")
+    d.add_argument("data", help="data set root: split folders (train/ val/ test/) of class folders, or Parquet; local or s3://")
     _config_args(d)
     d.set_defaults(fn=cmd_check_data)
 
@@ -124,13 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_config, data=None)
 
     s = sub.add_parser("pretrain", help="phase 1: MoCo v2 teacher with the margin loss")
-    s.add_argument("data")
+    s.add_argument("data", help="data set root: split folders (train/ val/ test/) of class folders, or Parquet; local or s3://")
     s.add_argument("--name", help="run name (folder under output_dir); re-running it resumes")
     _config_args(s)
     s.set_defaults(fn=cmd_pretrain)
 
     s = sub.add_parser("distill", help="phase 2: OFD student (or the supervised / fine-tune baselines)")
-    s.add_argument("data")
+    s.add_argument("data", help="data set root: split folders (train/ val/ test/) of class folders, or Parquet; local or s3://")
     s.add_argument("--teacher", help="teacher.pt from `raypipe pretrain` (not needed for --mode supervised)")
     s.add_argument("--mode", choices=("distill", "finetune", "supervised"),
                    help="overrides student.mode of the config (default there: distill)")
@@ -139,28 +152,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_distill)
 
     s = sub.add_parser("linear-probe", help="linear classifier on a frozen teacher (MoCo protocol)")
-    s.add_argument("data")
-    s.add_argument("--teacher", required=True)
+    s.add_argument("data", help="data set root: split folders (train/ val/ test/) of class folders, or Parquet; local or s3://")
+    s.add_argument("--teacher", help="teacher.pt from `raypipe pretrain`")
+    s.add_argument("--random-init", action="store_true",
+                   help="probe the config's teacher backbone with random weights (seed teacher.seed) instead")
     s.add_argument("--split", nargs="+", default=["val"], choices=("val", "test"))
     s.add_argument("--epochs", type=int, default=100)
-    s.add_argument("--lr", type=float, default=30.0)
+    s.add_argument("--lr", type=float, nargs="+", default=list(PROBE_LRS),
+                   help="learning rates to try; the best on val is kept (default: %(default)s)")
     s.add_argument("--out", help="also write the scores to this JSON file")
     _config_args(s)
     s.set_defaults(fn=cmd_linear_probe)
 
     s = sub.add_parser("evaluate", help="evaluate a model or an ensemble, optionally with 10-crop")
-    s.add_argument("data")
+    s.add_argument("data", help="data set root: split folders (train/ val/ test/) of class folders, or Parquet; local or s3://")
     s.add_argument("--split", default="val", help="val, test or a folder name under DATA")
     s.add_argument("--model", action="append", required=True, help="classifier .pt (repeat for an ensemble)")
     s.add_argument("--weights", type=float, nargs="+", help="ensemble weights, one per --model")
     s.add_argument("--ten-crop", action="store_true")
+    s.add_argument("--average", choices=AVERAGES, default="logits",
+                   help="what 10-crop views and ensemble members average (default: %(default)s)")
     s.add_argument("--out", default="eval", help="folder for report.json and confusion.png")
     s.add_argument("--submission", help="write the VIPriors CSV (Image IDs,Predictions) here")
     _config_args(s)
     s.set_defaults(fn=cmd_evaluate)
 
+    s = sub.add_parser("export", help="a model file -> plain torchvision state_dict, ONNX classifier, JSON card")
+    s.add_argument("model", help="student.pt / teacher.pt written by raypipe (local path or URI)")
+    s.add_argument("--out", default="export", help="output folder (default: %(default)s)")
+    s.add_argument("--no-onnx", action="store_true", help="skip the ONNX file (it needs: pip install 'raypipe[export]')")
+    s.set_defaults(fn=cmd_export)
+
     s = sub.add_parser("results", help="leaderboards, best configs and plots of a tune_margin experiment")
-    s.add_argument("experiment")
+    s.add_argument("experiment", help="experiment folder written by experiments/tune_margin.py (e.g. runs/tune_margin)")
     s.add_argument("--out", help="folder for the PNG plots (default EXPERIMENT/plots)")
     s.set_defaults(fn=cmd_results)
 
@@ -168,12 +192,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Like ``parse_args``, but ``key=value`` overrides may stand anywhere on the line."""
+    args, unknown = parser.parse_known_args(argv)
+    stray = [u for u in unknown if u.startswith("-") or "=" not in u or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if unknown:
+        args.overrides = [*args.overrides, *unknown]
+    return args
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+    try:
+        return dist_version("raypipe")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["tune"]:  # hand every remaining argument (--help included) to the main job
         from .tune import cli_main
         return cli_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
+    from .data import DataError
+    from .engine import CheckpointError
     try:
         args.fn(args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:

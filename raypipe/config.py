@@ -27,6 +27,8 @@ def opt(default, *, lo=None, hi=None, choices=None, lo_open=False, doc=""):
     return field(default=default, metadata=meta)
 
 
+AVERAGES = ("logits", "probs")            # what 10-crop views and ensemble members average
+PROBE_LRS = (0.1, 1.0, 10.0, 30.0)        # linear-probe learning rates tried, chosen on val
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d", "resnext101_32x8d")
 AUTOAUGMENT = ("none", "imagenet", "cifar10", "svhn")
 
@@ -99,7 +101,8 @@ class TeacherConfig(OptimConfig):
     key_momentum: float = opt(0.999, lo=0.0, hi=1.0)
     proj_hidden: int = opt(2048, lo=1)
     proj_dim: int = opt(128, lo=1)
-    bn_splits: int = opt(8, lo=1, doc="single worker: key-encoder BN over this many shuffled chunks")
+    bn_splits: int = opt(2, lo=1, doc="one worker: BN of both encoders over this many groups of the batch, "
+                         "keys shuffled (MoCo's split BN; its CIFAR demo: 8 groups of 64)")
     knn_k: int = opt(200, lo=1)
     knn_t: float = opt(0.1, lo=0.0, lo_open=True)
     knn_every: int = opt(1, lo=1, doc="k-NN monitor every N epochs (and the last)")
@@ -188,14 +191,26 @@ class Config:
 
 # ---- loading --------------------------------------------------------------------
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["teacher.margin=0.3", "data.strict=true"]`` -> dict with YAML-typed values."""
+    """``["teacher.margin=0.3", "data.strict=true"]`` -> dict of values. The text of a string
+    key is kept as typed (``name=007`` stays "007"); other values are read as YAML."""
     out = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. teacher.margin=0.3)")
-        key, text = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+        key, text = (part.strip() for part in item.split("=", 1))
+        out[key] = text if field_type(key) is str or not text else yaml.safe_load(text)
     return out
+
+
+def field_type(key: str):
+    """The declared type of a dotted config key, or None if there is no such key."""
+    node = Config
+    for part in key.split("."):
+        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        if part not in hints:
+            return None
+        node = hints[part]
+    return node
 
 
 def set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -293,7 +308,9 @@ def _coerce(key: str, hint, value):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML's true/false for keys such as resources.use_gpu
+            return str(value).lower()
+        if isinstance(value, (str, int, float)):
             return str(value)
     raise ConfigError(f"config key {key!r} must be of type {hint.__name__}, got {value!r}")
 
@@ -308,6 +325,9 @@ def validate(cfg: Config) -> None:
             f"teacher.queue_size={t.queue_size} must be a multiple of the global batch "
             f"(teacher.batch_size {t.batch_size} x resources.num_workers {max(1, r.num_workers)} "
             f"= {global_batch}); e.g. {max(1, t.queue_size // global_batch) * global_batch}")
+    if r.num_workers <= 1 and t.batch_size % t.bn_splits:
+        raise ConfigError(f"teacher.batch_size={t.batch_size} must be a multiple of teacher.bn_splits="
+                          f"{t.bn_splits} (split BatchNorm groups on one worker)")
     if t.warmup_epochs >= t.epochs and t.warmup_epochs:
         raise ConfigError(f"teacher.warmup_epochs={t.warmup_epochs} must be < teacher.epochs={t.epochs}")
     if cfg.student.warmup_epochs >= cfg.student.epochs and cfg.student.warmup_epochs:

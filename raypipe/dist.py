@@ -41,6 +41,34 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Every buffer of ``module`` (queue, BN statistics) from rank ``src`` to all ranks."""
+    if is_distributed():
+        for buf in module.buffers():
+            dist.broadcast(buf, src)
+
+
+@torch.no_grad()
+def average_bn_statistics(module: torch.nn.Module) -> None:
+    """Replace each rank's BatchNorm running statistics by their mean over ranks.
+
+    Under DDP (buffers not broadcast per step) every worker keeps its own statistics; averaging
+    them before evaluation and checkpointing gives one consistent model on every rank.
+    """
+    if not is_distributed():
+        return
+    stats = [b for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats for b in (m.running_mean, m.running_var)]
+    if not stats:
+        return
+    flat = torch.cat([b.float().flatten() for b in stats])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    for b, v in zip(stats, flat.split([b.numel() for b in stats])):
+        b.copy_(v.view_as(b))
+
+
 def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_distributed():
         dist.broadcast(x, src)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import json
 import math
 import os
@@ -93,8 +94,14 @@ def wrap_ddp(module: nn.Module, rt: Runtime) -> nn.Module:
         module.to(memory_format=torch.channels_last)
     if not dist.is_distributed():
         return module
+    # Buffers (queue, BN statistics) start equal on every rank, then stay rank-local per step
+    # (torch >= 2.14 no longer syncs them at init with broadcast_buffers=False).
+    dist.broadcast_buffers(module)
     ids = [rt.device.index] if rt.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    no_sync = ({"forward_sync_buffers": False}
+               if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+               else {"broadcast_buffers": False})
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, **no_sync)
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -128,9 +135,13 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def optimizer_step(loss: torch.Tensor, optimizer, scaler, params, grad_clip: float) -> None:
+def optimizer_step(loss: torch.Tensor, optimizer, scaler, params, grad_clip: float, frozen=()) -> None:
+    """``frozen``: parameters left exactly as they are this step (no gradient, weight decay or
+    momentum: SGD skips a parameter whose grad is None), e.g. connectors before distillation starts."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    for p in frozen:
+        p.grad = None
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -178,8 +189,8 @@ class Loop:
             set_lr(self.optimizer, self.lr)
             yield batch
 
-    def step(self, loss: torch.Tensor) -> None:
-        optimizer_step(loss, self.optimizer, self.scaler, self.params, self.opt.grad_clip)
+    def step(self, loss: torch.Tensor, frozen=()) -> None:
+        optimizer_step(loss, self.optimizer, self.scaler, self.params, self.opt.grad_clip, frozen)
 
     def end_epoch(self, phase: str, epoch: int, metrics: dict, print_keys: tuple[str, ...]) -> None:
         """Add the common metrics, keep the history, checkpoint when due, print, report."""
@@ -294,6 +305,25 @@ def print_epoch(phase: str, m: dict, keys: tuple[str, ...]) -> None:
 
 def want_checkpoint(epoch: int, epochs: int, every: int) -> bool:
     return (epoch + 1) % every == 0 or epoch + 1 == epochs
+
+
+class EpochMeans:
+    """Per-step metrics summed on the device (no host sync per step), averaged over the steps of
+    all workers at the end of the epoch; ``steps`` is the per-worker step count."""
+
+    def __init__(self, names: tuple[str, ...], device: torch.device):
+        self.names, self.sums, self.steps = names, torch.zeros(len(names), device=device), 0
+
+    def add(self, *values: torch.Tensor) -> None:
+        self.sums += torch.stack([v.detach().float() for v in values])
+        self.steps += 1
+
+    def result(self) -> dict:
+        total = torch.cat([self.sums.double().cpu(), torch.tensor([float(self.steps)], dtype=torch.float64)])
+        dist.all_reduce_sum(total)
+        n = max(1.0, total[-1].item())
+        return {**{k: v / n for k, v in zip(self.names, total[:-1].tolist())},
+                "steps": int(total[-1].item()) // dist.world_size()}
 
 
 class Throughput:
@@ -457,7 +487,7 @@ def load_model_file(path: str | Path, kind: str | None = None) -> dict:
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
     except Exception as exc:
         raise CheckpointError(f"model file is unreadable (torn or not a raypipe model): {path}: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:

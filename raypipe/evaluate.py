@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import dist
+from .config import AVERAGES, PROBE_LRS
 from .data import normalize
 
 
@@ -64,41 +65,62 @@ def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor,
 
 
 # ---- linear probe (MoCo protocol on frozen, cached features) -------------------------
-def linear_probe(train_feats, train_labels, eval_feats: dict[str, tuple], num_classes: int,
-                 epochs: int = 100, lr: float = 30.0, milestones=(60, 80), batch_size: int = 256,
-                 seed: int = 0) -> dict[str, float]:
-    """Train a linear classifier on frozen features (SGD lr 30, momentum 0.9, no weight decay,
-    x0.1 at epochs 60 and 80 of 100); top-1 on each named evaluation set."""
+def train_linear(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, lr: float, epochs: int = 100,
+                 milestones=(60, 80), batch_size: int = 256, seed: int = 0) -> nn.Linear:
+    """MoCo's ``main_lincls`` on cached features: raw features, fc ~ N(0, 0.01) with zero bias,
+    SGD momentum 0.9, no weight decay, lr x0.1 at the milestones. (MoCo also augments the images
+    each epoch; cached centre-crop features are the cheap equivalent used here.)"""
     g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng():  # deterministic for a seed, without touching the caller's RNG
-        torch.manual_seed(seed)
-        clf = nn.Linear(train_feats.shape[1], num_classes)
+    clf = nn.Linear(feats.shape[1], num_classes)
+    with torch.no_grad():
+        clf.weight.normal_(0.0, 0.01, generator=g)
+        clf.bias.zero_()
     opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(milestones), 0.1)
-    # MoCo's lr 30 assumes un-normalised ResNet features; standardise so any backbone trains stably.
-    mean, std = train_feats.mean(0), train_feats.std(0).clamp_min(1e-6)
-    x = (train_feats - mean) / std
     for _ in range(epochs):
-        perm = torch.randperm(x.shape[0], generator=g)
-        for start in range(0, x.shape[0], batch_size):
+        perm = torch.randperm(feats.shape[0], generator=g)
+        for start in range(0, feats.shape[0], batch_size):
             b = perm[start:start + batch_size]
-            loss = F.cross_entropy(clf(x[b]), train_labels[b])
+            loss = F.cross_entropy(clf(feats[b]), labels[b])
             opt.zero_grad()
             loss.backward()
             opt.step()
         sched.step()
-    out = {}
-    with torch.no_grad():
-        for name, (f, y) in eval_feats.items():
-            out[name] = 100.0 * (clf((f - mean) / std).argmax(1) == y).float().mean().item()
-    return out
+    return clf
+
+
+@torch.no_grad()
+def top1(clf: nn.Module, feats: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * (clf(feats).argmax(1) == labels).float().mean().item()
+
+
+def linear_probe(train_feats, train_labels, eval_feats: dict[str, tuple], num_classes: int,
+                 epochs: int = 100, lrs=PROBE_LRS, select_on: str = "val", batch_size: int = 256,
+                 seed: int = 0) -> dict:
+    """A linear classifier per learning rate in ``lrs``; the one with the best top-1 on the
+    ``select_on`` split (the first evaluation split if absent) is kept. Returns
+    ``{"top1": {split: score}, "lr": chosen lr, "select_on": split, "lr_scores": {lr: score}}``."""
+    select_on = select_on if select_on in eval_feats else next(iter(eval_feats))
+    milestones = (int(epochs * 0.6), int(epochs * 0.8))
+    trained = {lr: train_linear(train_feats, train_labels, num_classes, lr, epochs, milestones, batch_size, seed)
+               for lr in lrs}
+    lr_scores = {lr: top1(clf, *eval_feats[select_on]) for lr, clf in trained.items()}
+    best = max(lr_scores, key=lambda lr: (lr_scores[lr], -lrs.index(lr)))  # ties: the first lr of the grid
+    return {"top1": {name: top1(trained[best], f, y) for name, (f, y) in eval_feats.items()},
+            "lr": best, "select_on": select_on, "lr_scores": lr_scores}
 
 
 # ---- classification: single model, ensemble, 10-crop ---------------------------------
 @torch.no_grad()
-def ensemble_probs(models: list[nn.Module], images: torch.Tensor, weights: list[float] | None = None,
-                   channels_last: bool = False) -> torch.Tensor:
-    """Softmax probabilities averaged over models (weighted) and, for (N,V,C,H,W) input, views."""
+def ensemble_scores(models: list[nn.Module], images: torch.Tensor, weights: list[float] | None = None,
+                    channels_last: bool = False, average: str = "logits") -> torch.Tensor:
+    """Class scores averaged over models (weighted) and, for (N,V,C,H,W) input, over views.
+
+    ``average="logits"`` averages raw logits (the paper's 10-crop); ``"probs"`` averages softmax
+    probabilities. Both rank classes; only ``probs`` sums to 1.
+    """
+    if average not in AVERAGES:
+        raise ValueError(f"average={average!r}: choose one of {AVERAGES}")
     views = images.dim() == 5
     n = images.shape[0]
     flat = images.flatten(0, 1) if views else images
@@ -106,16 +128,18 @@ def ensemble_probs(models: list[nn.Module], images: torch.Tensor, weights: list[
     weights = weights or [1.0] * len(models)
     total = None
     for w, model in zip(weights, models):
-        p = model(x).float().softmax(dim=1)
+        p = model(x).float()
+        if average == "probs":
+            p = p.softmax(dim=1)
         if views:
-            p = p.view(n, -1, p.shape[1]).mean(dim=1)  # logits' softmax averaged over the 10 views
+            p = p.view(n, -1, p.shape[1]).mean(dim=1)
         total = p * w if total is None else total + p * w
     return total / sum(weights)
 
 
-def classification_report(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
-    pred = probs.argmax(1)
-    top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
+def classification_report(scores: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    pred = scores.argmax(1)
+    top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices
     n = len(classes)
     confusion = torch.zeros(n, n, dtype=torch.long)
     confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
@@ -166,8 +190,8 @@ def _device() -> torch.device:
 
 def evaluate_models(data_cfg, split: str, model_paths: list[str], ten_crop: bool = False,
                     weights: list[float] | None = None, out_dir: str | Path | None = "eval",
-                    submission: str | Path | None = None, batch_size: int = 64) -> dict:
-    """One model or an ensemble (softmax averaged, optional weights), with or without 10-crop,
+                    submission: str | Path | None = None, batch_size: int = 64, average: str = "logits") -> dict:
+    """One model or an ensemble (logits or probabilities averaged, optional weights), with or without 10-crop,
     on a labelled split (JSON report + confusion PNG in ``out_dir``, unless None) or an
     unlabelled one (submission CSV)."""
     from . import engine
@@ -189,22 +213,22 @@ def evaluate_models(data_cfg, split: str, model_paths: list[str], ten_crop: bool
     device = _device()
     models = [m.to(device) for m, _ in loaded]
     key = "views" if ten_crop else "image"
-    probs, labels, idxs = [], [], []
+    scores, labels, idxs = [], [], []
     for batch in ds.iter_torch_batches(batch_size=batch_size):
-        probs.append(ensemble_probs(models, batch[key].to(device), weights).cpu())
+        scores.append(ensemble_scores(models, batch[key].to(device), weights, average=average).cpu())
         labels.append(batch["label"].cpu())
         idxs.append(batch["idx"].cpu())
     order = torch.argsort(torch.cat(idxs))
-    probs, labels, idxs = torch.cat(probs)[order], torch.cat(labels)[order], torch.cat(idxs)[order]
+    scores, labels, idxs = torch.cat(scores)[order], torch.cat(labels)[order], torch.cat(idxs)[order]
     report = {"split": split_name, "models": [str(p) for p in model_paths], "weights": weights,
-              "views": "10-crop" if ten_crop else "centre crop", "skipped_images": decoded.skipped,
+              "views": "10-crop" if ten_crop else "centre crop", "average": average, "skipped_images": decoded.skipped,
               "n_images": int(labels.numel())}
     if submission:
         ids = [Path(index.paths[i]).name for i in idxs.tolist()]
-        write_submission(Path(submission), ids, probs.argmax(1).tolist())
+        write_submission(Path(submission), ids, scores.argmax(1).tolist())
         report["submission"] = str(submission)
     if index.labelled:
-        report.update(classification_report(probs, labels, classes))
+        report.update(classification_report(scores, labels, classes))
     if out_dir is not None:
         write_eval_outputs(report, out_dir)
     return report
@@ -221,16 +245,24 @@ def write_eval_outputs(report: dict, out_dir: str | Path) -> None:
     write_json(out_dir / "report.json", report)
 
 
-def probe_teacher(data_cfg, teacher_path: str, splits: tuple[str, ...] = ("val",), epochs: int = 100,
-                  lr: float = 30.0, batch_size: int = 128, seed: int = 0, knn_k: int = 50,
+def probe_teacher(data_cfg, teacher: str | dict, splits: tuple[str, ...] = ("val",), epochs: int = 100,
+                  lrs=PROBE_LRS, batch_size: int = 128, seed: int = 0, knn_k: int = 50,
                   knn_t: float = 0.1) -> dict:
-    """Frozen phase-1 teacher on each split: linear probe and weighted k-NN, both fit on train."""
+    """Frozen phase-1 teacher on each split: linear probe (lr chosen on val) and weighted k-NN,
+    both fit on train. ``teacher``: a teacher file, or an architecture dict (``arch_of``) for
+    random weights drawn with ``seed``."""
     from . import engine
     from .data import decode_split, scan_dataset, with_view
+    from .models import build_backbone
     from .student import load_exported
 
-    net, _ = load_exported(teacher_path, "teacher")
-    index = scan_dataset(data_cfg, ("train", *splits))
+    if isinstance(teacher, dict):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            net = build_backbone(**teacher)[0].eval()
+    else:
+        net, _ = load_exported(teacher, "teacher")
+    index = scan_dataset(data_cfg, tuple(dict.fromkeys(("train", "val", *splits))))
     engine.ensure_ray()
     device = _device()
     net = net.to(device)
@@ -240,9 +272,10 @@ def probe_teacher(data_cfg, teacher_path: str, splits: tuple[str, ...] = ("val",
         out = gather_outputs(backbone_features(net), ds.iter_torch_batches(batch_size=batch_size), device)
         feats[name] = (out["out"], out["label"])
     num_classes = len(index["train"].classes)
-    scores = linear_probe(*feats["train"], {s: feats[s] for s in splits}, num_classes,
-                          epochs=epochs, lr=lr, milestones=(int(epochs * 0.6), int(epochs * 0.8)), seed=seed)
-    out = {f"{s}_top1": v for s, v in scores.items()}
+    probe = linear_probe(*feats["train"], {s: feats[s] for s in index if s != "train"}, num_classes,
+                         epochs=epochs, lrs=tuple(lrs), select_on="val", seed=seed)
+    out = {f"{s}_top1": probe["top1"][s] for s in splits}
     for s in splits:
         out[f"{s}_knn_top1"] = knn_top1(*feats["train"], *feats[s], k=knn_k, t=knn_t, num_classes=num_classes)
-    return out
+    return {**out, "probe_lr": probe["lr"], "probe_lr_chosen_on": probe["select_on"],
+            "probe_val_top1_by_lr": {str(k): v for k, v in probe["lr_scores"].items()}}

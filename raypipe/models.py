@@ -51,19 +51,64 @@ def projection_head(dim: int, hidden: int, out: int) -> nn.Module:
     return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
 
 
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are taken over ``num_splits`` groups of the batch
+    (sample i in group i % num_splits): MoCo's single-GPU stand-in for per-GPU BN. Eval mode and
+    the state_dict are plain BatchNorm2d's; running statistics are the groups' average."""
+
+    def __init__(self, num_features: int, num_splits: int, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.num_splits = num_splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.num_splits == 1:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        s = self.num_splits
+        if n % s:
+            raise ValueError(f"batch of {n} does not split into {s} BatchNorm groups (teacher.bn_splits)")
+        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
+        out = F.batch_norm(x.reshape(n // s, c * s, h, w), mean, var, self.weight.repeat(s), self.bias.repeat(s),
+                           True, self.momentum, self.eps)
+        with torch.no_grad():
+            self.running_mean.copy_(mean.view(s, c).mean(0))
+            self.running_var.copy_(var.view(s, c).mean(0))
+            self.num_batches_tracked.add_(1)
+        return out.view(n, c, h, w)
+
+
+def split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every BatchNorm2d in ``module`` (in place) by a SplitBatchNorm2d with its state."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SplitBatchNorm2d):
+            split = SplitBatchNorm2d(child.num_features, num_splits, eps=child.eps, momentum=child.momentum)
+            split.load_state_dict(child.state_dict())
+            setattr(module, name, split)
+        else:
+            split_batchnorm(child, num_splits)
+    return module
+
+
 class MoCo(nn.Module):
-    """Query encoder + momentum key encoder + queue of keys (buffers, so they checkpoint)."""
+    """Query encoder + momentum key encoder + queue of keys (buffers, so they checkpoint).
+
+    ``bn_splits > 1`` (one worker): BOTH encoders normalise over groups of the batch, and keys are
+    encoded from a shuffled batch, so a query and its key never share BN statistics (MoCo's
+    shuffle-BN, as in its single-GPU CIFAR demo). With several workers BN is per worker and the
+    keys are shuffled across workers instead; pass ``bn_splits=1`` there.
+    """
 
     def __init__(self, arch: dict, proj_hidden: int, proj_dim: int,
                  queue_size: int, key_momentum: float, bn_splits: int = 1):
         super().__init__()
         net, dim = build_backbone(**arch)
+        if bn_splits > 1:
+            split_batchnorm(net, bn_splits)
         self.encoder_q = nn.Sequential(net, projection_head(dim, proj_hidden, proj_dim))
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
         self.key_momentum = key_momentum
-        self.bn_splits = bn_splits
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
@@ -89,7 +134,8 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def encode_keys(self, im_k: torch.Tensor) -> torch.Tensor:
-        """Keys with shuffled BN: across ranks when distributed, else over shuffled chunks."""
+        """Keys with shuffled BN: across ranks when distributed, else a shuffled batch whose
+        split-BN groups differ from the queries'. Returned in input order."""
         if dist.is_distributed():
             gathered = dist.all_gather_cat(im_k)
             perm = dist.broadcast(torch.randperm(gathered.shape[0], device=im_k.device))
@@ -101,8 +147,7 @@ class MoCo(nn.Module):
             unshuffled[perm] = k_all
             return unshuffled.view(dist.world_size(), n, -1)[dist.rank()]
         perm = torch.randperm(im_k.shape[0], device=im_k.device)
-        chunks = [self.encoder_k(c) for c in im_k[perm].chunk(max(1, self.bn_splits))]
-        k = F.normalize(torch.cat(chunks), dim=1)
+        k = F.normalize(self.encoder_k(im_k[perm]), dim=1)
         out = torch.empty_like(k)
         out[perm] = k
         return out

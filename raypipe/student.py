@@ -96,8 +96,10 @@ def train_loop(loop_config: dict) -> None:
         if teacher is not None:
             teacher.train()
         weight = distill_weight_at(cfg, epoch)
+        # CE-only warm-up: connectors stay as built (the reference leaves them out of the graph)
+        frozen = list(student.connectors.parameters()) if student.connectors is not None and weight == 0 else []
         speed = engine.Throughput()
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, distill, steps
+        means = engine.EpochMeans(("loss", "ce", "distill"), rt.device)
         for batch in loop.batches(epoch):
             x = normalize(batch["image"].to(rt.device), rt.channels_last)
             y = batch["label"].to(rt.device)
@@ -116,15 +118,13 @@ def train_loop(loop_config: dict) -> None:
                 else:  # keeps connectors in the graph (DDP) at zero cost to the gradient
                     distill = sum((f.float().sum() for f in feats), torch.zeros((), device=x.device)) * 0.0
             loss = ce + weight * distill
-            loop.step(loss)
-            sums += torch.tensor([loss.item(), ce.item(), distill.item(), 1.0], dtype=torch.float64)
+            loop.step(loss, frozen)
+            means.add(loss, ce, distill)
             speed.add(x.shape[0])
-        dist.all_reduce_sum(sums)
-        steps = max(1.0, sums[3].item())
+        dist.average_bn_statistics(student)  # one set of BN statistics for validation and the checkpoint
         top1, top5, n_val = validate_top(student, rt, ray.train.get_dataset_shard("val").iter_torch_batches(
             batch_size=s.batch_size))
-        metrics = {"loss": sums[0].item() / steps, "ce": sums[1].item() / steps,
-                   "distill": sums[2].item() / steps, "distill_weight": weight, "val_top1": top1,
+        metrics = {**means.result(), "distill_weight": weight, "val_top1": top1,
                    "val_top5": top5, "n_val": n_val, "images_per_s": speed.rate(rt.world_size)}
         loop.end_epoch(s.mode, epoch, metrics, EPOCH_KEYS)
 

@@ -15,10 +15,23 @@ from .models import MoCo, arch_of
 EPOCH_KEYS = ("loss", "knn_top1", "pos_sim", "neg_sim", "lr", "images_per_s")
 
 
-def build_model(cfg: Config) -> MoCo:
+def build_model(cfg: Config, world_size: int = 1) -> MoCo:
+    """Split BN (``teacher.bn_splits``) on one worker; per-worker BN + cross-worker shuffle on several."""
     t = cfg.teacher
     return MoCo(arch_of(t), t.proj_hidden, t.proj_dim, t.queue_size, t.key_momentum,
-                bn_splits=t.bn_splits)
+                bn_splits=t.bn_splits if world_size == 1 else 1)
+
+
+def contrastive_step(net, model: MoCo, im_q: torch.Tensor, im_k: torch.Tensor, margin: float,
+                     temperature: float, rt: engine.Runtime):
+    """One MoCo step: the margin loss against the queue as it was BEFORE this batch, then the
+    batch's keys (gathered from all workers) are enqueued. Returns the loss, l_pos and l_neg."""
+    with rt.autocast():
+        q, k = net(im_q, im_k)
+    l_pos, l_neg = contrastive_logits(q.float(), k.float(), model.queue.clone().detach())
+    loss = margin_nce_loss(l_pos, l_neg, margin, temperature)
+    model.enqueue(dist.all_gather_cat(k.float()))
+    return loss, l_pos.detach(), l_neg.detach()
 
 
 def knn_monitor(model: MoCo, rt: engine.Runtime, cfg: Config, num_classes: int) -> float:
@@ -40,28 +53,21 @@ def train_loop(loop_config: dict) -> None:
     cfg, meta = Config.from_dict(loop_config["cfg"]), loop_config["meta"]
     t = cfg.teacher
     rt = engine.make_runtime(cfg.resources, t.seed)
-    model = build_model(cfg)
+    model = build_model(cfg, rt.world_size)
     loop = engine.Loop(model, t, cfg, rt, meta["n_train"], loop_config.get("local_checkpoint_dir"))
     for epoch in loop.epochs():
         model.train()
         speed = engine.Throughput()
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, pos, neg, steps
+        means = engine.EpochMeans(("loss", "pos_sim", "neg_sim"), rt.device)
         for batch in loop.batches(epoch):
             im_q = normalize(batch["view1"].to(rt.device), rt.channels_last)
             im_k = normalize(batch["view2"].to(rt.device), rt.channels_last)
-            with rt.autocast():
-                q, k = loop.net(im_q, im_k)
-            l_pos, l_neg = contrastive_logits(q.float(), k.float(), model.queue.clone().detach())
-            loss = margin_nce_loss(l_pos, l_neg, t.margin, t.temperature)
+            loss, l_pos, l_neg = contrastive_step(loop.net, model, im_q, im_k, t.margin, t.temperature, rt)
             loop.step(loss)
-            model.enqueue(dist.all_gather_cat(k.float()))
-            sums += torch.tensor([loss.item(), l_pos.mean().item(), l_neg.mean().item(), 1.0], dtype=torch.float64)
+            means.add(loss, l_pos.mean(), l_neg.mean())
             speed.add(im_q.shape[0])
-        dist.all_reduce_sum(sums)
-        steps = max(1.0, sums[3].item())
-        metrics = {"loss": sums[0].item() / steps, "pos_sim": sums[1].item() / steps,
-                   "neg_sim": sums[2].item() / steps, "images_per_s": speed.rate(rt.world_size),
-                   "steps": int(steps / rt.world_size)}
+        dist.average_bn_statistics(model)  # one set of BN statistics for k-NN and the checkpoint
+        metrics = {**means.result(), "images_per_s": speed.rate(rt.world_size)}
         if (epoch + 1) % t.knn_every == 0 or epoch + 1 == t.epochs:
             metrics["knn_top1"] = knn_monitor(model, rt, cfg, meta["num_classes"])
         loop.end_epoch("pretrain", epoch, metrics, EPOCH_KEYS)

@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from raypipe.evaluate import classification_report, ensemble_probs, evaluate_models
+from raypipe.evaluate import classification_report, ensemble_scores, evaluate_models
 from raypipe.models import build_backbone
 
 
@@ -13,17 +13,35 @@ def models(n=2):
     return [build_backbone("resnet18", True, 4)[0].eval() for _ in range(n)]
 
 
-def test_ensemble_of_one_equals_the_model_and_order_is_irrelevant():
+@pytest.mark.parametrize("average", ["logits", "probs"])
+def test_ensemble_of_one_equals_the_model_and_order_is_irrelevant(average):
     a, b = models()
     x = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
     from raypipe.data import normalize
     with torch.no_grad():
-        single = a(normalize(x)).softmax(1)
-    assert torch.allclose(ensemble_probs([a], x), single, atol=1e-6)
-    assert torch.allclose(ensemble_probs([a, b], x), ensemble_probs([b, a], x), atol=1e-6)
-    assert torch.allclose(ensemble_probs([a, b], x, [1.0, 0.0]), single, atol=1e-6)
+        single = a(normalize(x))
+    single = single.softmax(1) if average == "probs" else single
+    assert torch.allclose(ensemble_scores([a], x, average=average), single, atol=1e-5)
+    assert torch.allclose(ensemble_scores([a, b], x, average=average), ensemble_scores([b, a], x, average=average),
+                          atol=1e-5)
+    assert torch.allclose(ensemble_scores([a, b], x, [1.0, 0.0], average=average), single, atol=1e-5)
     views = torch.stack([x] * 10, dim=1)   # 10 identical views average to the single view
-    assert torch.allclose(ensemble_probs([a], views), single, atol=1e-5)
+    assert torch.allclose(ensemble_scores([a], views, average=average), single, atol=1e-5)
+
+
+def test_ten_crop_averages_logits_or_probabilities_as_asked():
+    a, b = models()
+    views = torch.randint(0, 256, (2, 10, 3, 16, 16), dtype=torch.uint8)
+    from raypipe.data import normalize
+    with torch.no_grad():
+        la, lb = (m(normalize(views.flatten(0, 1))).view(2, 10, -1) for m in (a, b))
+    assert torch.allclose(ensemble_scores([a, b], views, average="logits"), (la.mean(1) + lb.mean(1)) / 2, atol=1e-5)
+    probs = (la.softmax(-1).mean(1) + lb.softmax(-1).mean(1)) / 2
+    assert torch.allclose(ensemble_scores([a, b], views, average="probs"), probs, atol=1e-6)
+    # the two rules differ on these inputs, so a swapped rule fails the lines above
+    assert not torch.allclose(ensemble_scores([a, b], views, average="logits").softmax(-1), probs, atol=1e-4)
+    with pytest.raises(ValueError, match="average"):
+        ensemble_scores([a], views, average="votes")
 
 
 def test_report_counts():

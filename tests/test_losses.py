@@ -87,3 +87,24 @@ def test_distill_loss_weights_stages_and_divides_by_batch():
     low = [torch.full((2, 3, 2, 2), -5.0) for _ in range(4)]
     at_margin = [torch.full((2, 3, 2, 2), -1.0) for _ in range(4)]
     assert ofd_distill_loss(at_margin, low, margins).item() == 0.0
+
+
+def test_distill_loss_weights_each_stage_and_applies_per_channel_margins():
+    """Stages of different sizes and values, so swapped stage weights or a margin broadcast over the
+    wrong axis give another number than the explicit sum."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(2, 3, 4, 4), (2, 5, 2, 2), (2, 4, 2, 2), (2, 6, 1, 1)]
+    students = [torch.randn(*sh, generator=g) for sh in shapes]
+    teachers = [torch.randn(*sh, generator=g) * 2 for sh in shapes]
+    margins = [-torch.rand(sh[1], generator=g) for sh in shapes]   # one margin per channel
+    expected = 0.0
+    for w, s, t, m in zip((1 / 8, 1 / 4, 1 / 2, 1.0), students, teachers, margins):
+        for idx in torch.cartesian_prod(*[torch.arange(d) for d in s.shape]).tolist():
+            target = max(t[tuple(idx)].item(), m[idx[1]].item())
+            sv = s[tuple(idx)].item()
+            if not (sv <= target and target <= 0):
+                expected += w * (sv - target) ** 2
+    expected /= 2   # batch size
+    assert ofd_distill_loss(students, teachers, margins).item() == pytest.approx(expected, rel=1e-5)
+    swapped = ofd_distill_loss(students, teachers, margins, stage_weights=(1.0, 1 / 2, 1 / 4, 1 / 8)).item()
+    assert swapped != pytest.approx(expected, rel=1e-3)

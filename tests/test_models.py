@@ -57,6 +57,71 @@ def test_single_worker_shuffle_bn_returns_keys_in_input_order():
     assert torch.allclose(keys, direct, atol=1e-5)
 
 
+def test_split_batchnorm_normalises_each_group_and_averages_running_stats():
+    from raypipe.models import SplitBatchNorm2d
+    torch.manual_seed(0)
+    plain = nn.BatchNorm2d(3).train()
+    nn.init.uniform_(plain.weight, 0.5, 2.0)
+    nn.init.uniform_(plain.bias, -1.0, 1.0)
+    split = SplitBatchNorm2d(3, num_splits=2).train()
+    split.load_state_dict(plain.state_dict())
+    x = torch.randn(8, 3, 4, 4) * torch.tensor([1.0, 3.0, 0.5]).view(1, 3, 1, 1) + 2.0
+    out = split(x)
+    refs = [copy.deepcopy(plain) for _ in range(2)]
+    for g in range(2):  # group g holds samples g, g + 2, g + 4, ...
+        assert torch.allclose(out[g::2], refs[g](x[g::2]), atol=1e-5)
+    assert torch.allclose(split.running_mean, (refs[0].running_mean + refs[1].running_mean) / 2, atol=1e-6)
+    assert torch.allclose(split.running_var, (refs[0].running_var + refs[1].running_var) / 2, atol=1e-6)
+    assert not torch.allclose(out, plain(x), atol=1e-3)   # whole-batch BN differs
+    split.eval(), plain.eval()
+    plain.load_state_dict(split.state_dict())
+    assert torch.allclose(split(x), plain(x))   # eval: plain BatchNorm on the running statistics
+
+
+def test_single_worker_split_bn_in_both_encoders_in_train_mode():
+    """MoCo's single-GPU recipe: queries AND keys normalised per group; keys from a shuffled batch,
+    returned in input order. A query encoder with whole-batch BN fails the first check."""
+    from raypipe.models import SplitBatchNorm2d
+    m = small_moco().train()   # bn_splits=2
+    reference = copy.deepcopy(m)
+    for bn in reference.modules():   # the reference normalises whatever batch it is given
+        if isinstance(bn, SplitBatchNorm2d):
+            bn.num_splits = 1
+    n = 8
+    x = torch.randn(n, 3, 16, 16)
+    q = m.encoder_q(x)
+    for g in range(2):
+        assert torch.allclose(q[g::2], copy.deepcopy(reference.encoder_q)(x[g::2]), atol=1e-4)
+    torch.manual_seed(5)
+    keys = m.encode_keys(x)
+    torch.manual_seed(5)
+    perm = torch.randperm(n)            # the permutation encode_keys drew
+    for g in range(2):
+        members = perm[g::2]            # positions g, g+2, ... of the shuffled batch form group g
+        direct = F.normalize(copy.deepcopy(reference.encoder_k)(x[members]), dim=1)
+        assert torch.allclose(keys[members], direct, atol=1e-4)
+
+
+def test_contrastive_step_uses_the_queue_before_enqueueing_the_batch():
+    from raypipe.engine import Runtime
+    from raypipe.losses import margin_nce_loss
+    from raypipe.teacher import contrastive_step
+    m = small_moco(queue=8).eval()  # eval: deterministic keys, so q and k can be recomputed
+    queue_before = m.queue.clone()
+    x = torch.randn(4, 3, 16, 16)
+    rt = Runtime(torch.device("cpu"), None, False, 1, 0)
+    loss, l_pos, l_neg = contrastive_step(m, m, x, x, 0.4, 0.2, rt)
+    k = m.queue[:4].clone()             # this batch's keys were enqueued at the pointer (0)
+    assert int(m.queue_ptr) == 4 and torch.equal(m.queue[4:], queue_before[4:])
+    with torch.no_grad():
+        q = F.normalize(m.encoder_q(x), dim=1)
+    expected = margin_nce_loss((q * k).sum(1), q @ queue_before.t(), 0.4, 0.2)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert l_neg.shape == (4, 8) and torch.allclose(l_neg, q @ queue_before.t(), atol=1e-5)
+    after = margin_nce_loss((q * k).sum(1), q @ m.queue.t(), 0.4, 0.2)   # enqueue-first gives another loss
+    assert abs(after.item() - expected.item()) > 1e-3
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_stage_taps_give_pre_relu_outputs(arch):
     net, _ = build_backbone(arch, small_stem=True)

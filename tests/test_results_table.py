@@ -128,3 +128,28 @@ def test_table_statistics_and_val_decisions(repro):
     assert "tricks_s0" in " ".join(ensemble.argv) and "distill_s1" in " ".join(ensemble.argv)
     repro.write_table(steps)  # regenerating is idempotent
     assert repro.RESULTS.read_text() == doc
+
+
+def test_teacher_study_steps_are_valid_commands_and_its_table_reads_the_probes(repro, monkeypatch):
+    from raypipe.cli import parse_args
+    spec = importlib.util.spec_from_file_location("teacher_study", REPO / "experiments" / "teacher_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    monkeypatch.setattr(study, "repro", repro)            # run folders under tmp_path
+    monkeypatch.setattr(study, "RESULTS", repro.RESULTS)
+    epochs = {}
+    for step in study.steps("DATA"):
+        args = parse_args(build_parser(), step.argv)
+        cfg = _load(args)
+        assert cfg.data.root == "DATA" and cfg.teacher.stem_stride == 2
+        if step.argv[0] == "pretrain":
+            epochs[args.name] = cfg.teacher.epochs
+        else:  # every probe picks its lr on val and reports test
+            assert args.split == ["val", "test"] and (args.random_init or args.teacher)
+    assert epochs == {"teacher_study_e100": 100, "teacher_study_e400": 400, "teacher_study_e100_t0.1": 100}
+    put(study.probe_file(study.RANDOM), {"val_knn_top1": 21.0, "val_top1": 20.0, "test_top1": 19.0, "probe_lr": 1.0})
+    put(study.probe_file("study_e400"), {"val_knn_top1": 40.5, "test_knn_top1": 39.0, "val_top1": 41.0,
+                                         "test_top1": 40.0, "probe_lr": 10.0})
+    study.write_table()
+    row = [line for line in repro.RESULTS.read_text().splitlines() if line.startswith("| `study_e400`")][0]
+    assert "| 40.50 | 19.50 | 39.00 | 41.00 | 40.00 | 10.0 |" in row   # k-NN, gain over random, ...

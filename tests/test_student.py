@@ -23,6 +23,10 @@ def test_distill_two_workers_end_to_end(ray_cluster, tiny_config, trained_teache
     # CE-only warm-up: no distillation in epoch 0, then lambda * distill is part of the loss
     assert history.loc[0, "distill_weight"] == 0 and history.loc[1, "distill_weight"] == cfg.student.distill_weight
     assert history.loc[1, "distill"] > 0
+    # the reported loss is CE + lambda * distill, epoch by epoch (warm-up: CE alone)
+    for _, row in history.iterrows():
+        assert row["loss"] == pytest.approx(row["ce"] + row["distill_weight"] * row["distill"], rel=1e-5)
+    assert history.loc[0, "loss"] == pytest.approx(history.loc[0, "ce"], rel=1e-6)
     # every val image counted exactly once across the two workers
     assert (history["n_val"] == 32).all()
     net, payload = load_classifier(final["model"])

@@ -97,6 +97,26 @@ def test_linear_probe_learns_separable_features_and_not_noise():
     labels = torch.arange(4).repeat_interleave(40)
     feats = torch.eye(4, 16)[labels] * 5 + torch.randn(160, 16, generator=g)
     noise = torch.randn(160, 16, generator=g)
-    scores = linear_probe(feats[::2], labels[::2], {"val": (feats[1::2], labels[1::2]),
-                                                     "noise": (noise[1::2], labels[1::2])}, 4, epochs=30)
-    assert scores["val"] >= 95.0 and scores["noise"] < 60   # chance is 25%
+    probe = linear_probe(feats[::2], labels[::2], {"val": (feats[1::2], labels[1::2]),
+                                                    "noise": (noise[1::2], labels[1::2])}, 4, epochs=30)
+    assert probe["top1"]["val"] >= 95.0 and probe["top1"]["noise"] < 60   # chance is 25%
+
+
+def test_linear_probe_follows_moco_lincls_and_picks_the_lr_on_val():
+    from raypipe.evaluate import train_linear
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(5).repeat_interleave(60)
+    centres = torch.randn(5, 32, generator=g)
+    feats = (centres[labels] + 1.5 * torch.randn(300, 32, generator=g)).relu()  # raw, un-standardised
+    # MoCo's init: fc ~ N(0, 0.01), zero bias (0 epochs: the classifier as initialised)
+    clf = train_linear(feats, labels, 5, lr=1.0, epochs=0)
+    assert torch.all(clf.bias == 0) and 0.005 < clf.weight.std().item() < 0.015
+    # raw features, not standardised: scaling them changes what the classifier learns
+    a = train_linear(feats, labels, 5, lr=0.1, epochs=5, milestones=(3, 4))
+    b = train_linear(feats * 10, labels, 5, lr=0.1, epochs=5, milestones=(3, 4))
+    assert not torch.allclose(a.weight, b.weight, atol=1e-3)
+    val, test = (feats[::3], labels[::3]), (feats[1::3], labels[1::3])
+    probe = linear_probe(feats[2::3], labels[2::3], {"val": val, "test": test}, 5, epochs=20, lrs=(1e-4, 0.1, 1.0))
+    assert probe["select_on"] == "val" and set(probe["lr_scores"]) == {1e-4, 0.1, 1.0}
+    assert probe["lr_scores"][probe["lr"]] == max(probe["lr_scores"].values()) == probe["top1"]["val"]
+    assert probe["lr"] != 1e-4 and probe["lr_scores"][1e-4] < probe["top1"]["val"]   # a tiny lr barely moves

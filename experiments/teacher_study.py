@@ -1,0 +1,118 @@
+"""What makes a 500-image MoCo teacher learn (CIFAR-10, 50 images per class) -> docs/teacher_study.md.
+
+    python experiments/teacher_study.py                # run every arm not yet done, then write the table
+    python experiments/teacher_study.py --table-only   # rewrite the table from runs/cifar10_50 only
+    python experiments/teacher_study.py --only study_e400   # some arms
+
+Each arm is the phase-1 recipe of experiments/configs/cifar10_50/base.yaml with a few overrides,
+trained on `train`, then probed with `raypipe linear-probe` (weighted k-NN, and MoCo's linear
+probe with its lr chosen on val); `random` probes the same backbone with random weights, the
+baseline every teacher's gain is measured against. Steps, logs and run folders share
+runs/cifar10_50 with experiments/cifar10_50.py (same step records: a finished arm is not rerun).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("cifar10_50", REPO / "experiments" / "cifar10_50.py")
+repro = importlib.util.module_from_spec(_spec)
+sys.modules["cifar10_50"] = repro  # dataclasses look their module up
+_spec.loader.exec_module(repro)
+
+CONFIG = f"{repro.CONFIGS}/base.yaml"
+RESULTS = Path("docs/teacher_study.md")
+# arm -> overrides of base.yaml (stride-2 stem, m = 0.4, K = 128, t = 0.2, 100 epochs, batch 32)
+ARMS = {
+    "study_e100": [],
+    "study_e400": ["teacher.epochs=400", "teacher.knn_every=20"],
+    "study_e100_t0.1": ["teacher.temperature=0.1"],
+}
+RANDOM = "study_random"
+BEGIN, END = "<!-- study:begin (written by experiments/teacher_study.py) -->", "<!-- study:end -->"
+
+
+def probe_file(arm: str) -> Path:
+    return repro.RUNS / f"teacher_{arm}" / "probe.json"
+
+
+def steps(data: str) -> list:
+    out = [repro.Step(f"probe_{RANDOM}", ["linear-probe", data, "--random-init", "--split", "val", "test",
+                                           "--out", str(probe_file(RANDOM)), "--config", CONFIG], probe_file(RANDOM))]
+    for arm, overrides in ARMS.items():
+        out += [repro.Step(f"pretrain_{arm}", ["pretrain", data, *overrides, "--config", CONFIG,
+                                               "--name", f"teacher_{arm}"], repro.teacher_file(arm)),
+                repro.Step(f"probe_{arm}", ["linear-probe", data, "--teacher", str(repro.teacher_file(arm)),
+                                            "--split", "val", "test", "--out", str(probe_file(arm)),
+                                            "--config", CONFIG], probe_file(arm))]
+    return out
+
+
+def knn_curve(arm: str) -> str:
+    path = repro.RUNS / f"teacher_{arm}" / "metrics.csv"
+    if not path.is_file():
+        return "-"
+    df = pd.read_csv(path).dropna(subset=["knn_top1"])
+    return " ".join(f"{int(e) + 1}:{v:.1f}" for e, v in zip(df["epoch"], df["knn_top1"]))
+
+
+def table() -> str:
+    fmt = repro.fmt
+    random = repro.load(probe_file(RANDOM)) or {}
+    rows = [f"| random weights | - | - | - | {fmt(random.get('val_knn_top1'))} | - | "
+            f"{fmt(random.get('val_top1'))} | {fmt(random.get('test_top1'))} | {random.get('probe_lr', '-')} | - |"]
+    for arm, overrides in ARMS.items():
+        probe = repro.load(probe_file(arm)) or {}
+        gain = (probe["val_knn_top1"] - random["val_knn_top1"]
+                if "val_knn_top1" in probe and "val_knn_top1" in random else None)
+        rows.append(f"| `{arm}` | {' '.join(overrides) or '(base.yaml)'} | {knn_curve(arm)} | "
+                    f"{fmt(probe.get('val_knn_top1'))} | {fmt(gain)} | {fmt(probe.get('test_knn_top1'))} | "
+                    f"{fmt(probe.get('val_top1'))} | {fmt(probe.get('test_top1'))} | {probe.get('probe_lr', '-')} | "
+                    f"{fmt(repro.wall_min(f'pretrain_{arm}', f'probe_{arm}'), '.1f')} |")
+    return "\n".join([
+        BEGIN, "",
+        "| arm | overrides of base.yaml | k-NN val by epoch (monitor) | k-NN val | gain over random | "
+        "k-NN test | linear val | linear test | probe lr (val) | min |",
+        "|---|---|---|---|---|---|---|---|---|---|", *rows, "",
+        "k-NN: k = 50, t = 0.1, bank = train. Linear: MoCo's protocol on frozen features (fc N(0, 0.01), "
+        "SGD momentum 0.9, no weight decay, 100 epochs, x0.1 at 60 and 80), lr from "
+        "0.1 / 1 / 10 / 30 chosen on val. 2 CPU cores.", "",
+        "```", *(f"raypipe {' '.join(s.argv)}" for s in steps("../shared/data/cifar10-50")), "```", "", END])
+
+
+def write_table() -> None:
+    doc = RESULTS.read_text() if RESULTS.is_file() else f"# Teacher study\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{RESULTS} lost its markers; restore them to regenerate")
+    head, rest = doc.split(BEGIN, 1)
+    RESULTS.write_text(head + table() + rest.split(END, 1)[1])
+    print(f"wrote {RESULTS}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="../shared/data/cifar10-50", help="the cifar10-50 folder")
+    p.add_argument("--table-only", action="store_true", help="only rewrite the table from the run folders")
+    p.add_argument("--only", nargs="+", help="run just these arms (e.g. study_e400)")
+    args = p.parse_args(argv)
+    os.chdir(REPO)
+    if not args.table_only:
+        if not Path(args.data, "train").is_dir():
+            raise SystemExit(f"{args.data}/train not found: pass --data PATH/TO/cifar10-50")
+        only = {f"{kind}_{arm}" for arm in args.only for kind in ("pretrain", "probe")} if args.only else None
+        for step in steps(args.data):
+            if (only is None or step.name in only) and not repro.is_done(step):
+                repro.run_step(step)
+                write_table()
+    write_table()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

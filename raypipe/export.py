@@ -1,0 +1,61 @@
+"""Models for use outside raypipe: a plain torchvision ``state_dict``, an ONNX classifier and a
+JSON card (classes, input size, normalisation, how to rebuild the network).
+
+Loading the state_dict needs only torch and torchvision::
+
+    net = torchvision.models.resnet18(num_classes=10)          # card["arch"], card["num_classes"]
+    # small stem only (card["arch"]["small_stem"]): 3x3 conv of card["arch"]["stem_stride"], no max-pool
+    net.conv1 = torch.nn.Conv2d(3, 64, 3, card["arch"]["stem_stride"], 1, bias=False); net.maxpool = torch.nn.Identity()
+    net.load_state_dict(torch.load("student.state_dict.pt", weights_only=True))
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+from .data import MEAN, STD
+from .engine import load_model_file
+from .models import payload_arch
+
+
+def export_model(model_path: str, out_dir: str | Path, onnx: bool = True) -> dict[str, str]:
+    """Write ``<name>.state_dict.pt``, ``<name>.json`` and (classifiers, ``onnx``) ``<name>.onnx``."""
+    from .student import load_exported
+
+    kind = load_model_file(model_path)["kind"]
+    net, payload = load_exported(model_path, kind)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = Path(str(model_path).rstrip("/").rsplit("/", 1)[-1]).stem
+    files = {"state_dict": str(out / f"{name}.state_dict.pt"), "card": str(out / f"{name}.json")}
+    torch.save(net.state_dict(), files["state_dict"])
+    arch = payload_arch(payload)
+    res = payload.get("resolution", 224)
+    if onnx and kind == "classifier":
+        files["onnx"] = str(out / f"{name}.onnx")
+        export_onnx(net, res, files["onnx"])
+    card = {"kind": kind, "arch": arch, "classes": payload.get("classes"),
+            "num_classes": len(payload["classes"]) if kind == "classifier" else 0,
+            "input": {"size": [3, res, res], "range": "RGB in [0, 1], then (x - mean) / std",
+                      "mean": list(MEAN), "std": list(STD)},
+            "epochs_trained": payload.get("epochs_trained"), "source": str(model_path),
+            "files": {k: Path(v).name for k, v in files.items() if k != "card"}}
+    Path(files["card"]).write_text(json.dumps(card, indent=2))
+    return files
+
+
+def export_onnx(net: torch.nn.Module, resolution: int, path: str) -> None:
+    """The classifier on normalised (N, 3, R, R) float input -> logits, any batch size."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"ONNX export needs the export extra (pip install 'raypipe[export]'), or pass "
+                          f"--no-onnx: {exc}") from exc
+    dummy = torch.zeros(1, 3, resolution, resolution)
+    batch = torch.export.Dim("batch", min=1)
+    torch.onnx.export(net.eval(), (dummy,), path, input_names=["image"], output_names=["logits"],
+                      dynamic_shapes=({0: batch},), verbose=False)

@@ -1,0 +1,101 @@
+"""The shared training loop pieces: LR schedule, frozen parameters, multi-worker state (gloo, 2 ranks)."""
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from raypipe.config import load_config
+from raypipe.engine import lr_at, optimizer_step, scaled_lr
+
+
+def test_lr_scales_with_the_global_batch_warms_up_linearly_then_follows_the_schedule():
+    t = load_config(overrides=["teacher.lr=0.24", "teacher.batch_size=32", "teacher.epochs=10",
+                               "teacher.warmup_epochs=2", "teacher.schedule=cosine"]).teacher
+    assert scaled_lr(t, 1) == pytest.approx(0.03) and scaled_lr(t, 4) == pytest.approx(0.12)
+    base = 0.1
+    assert lr_at(t, base, 0.0) < 1e-3 * base and lr_at(t, base, 1.0) == pytest.approx(0.05, rel=1e-3)
+    assert lr_at(t, base, 2.0) == pytest.approx(base)                     # warm-up ends at the peak
+    assert lr_at(t, base, 6.0) == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert lr_at(t, base, 10.0) == pytest.approx(0.0, abs=1e-12)           # cosine to zero at the end
+    s = load_config(overrides=["student.schedule=step", "student.step_epochs=30", "student.step_gamma=0.1",
+                               "student.warmup_epochs=0", "student.epochs=100"]).student
+    assert [lr_at(s, 1.0, e) for e in (0, 29.9, 30, 65, 95)] == pytest.approx([1, 1, 0.1, 0.01, 0.001])
+
+
+def test_frozen_parameters_get_no_gradient_decay_or_momentum():
+    """Connectors during the CE-only warm-up: weight decay and Nesterov momentum must not move them."""
+    torch.manual_seed(0)
+    trained, frozen = nn.Linear(4, 4), nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+    before = [p.clone() for p in frozen.parameters()]
+    params = [*trained.parameters(), *frozen.parameters()]
+    opt = torch.optim.SGD(params, lr=0.5, momentum=0.9, weight_decay=0.1, nesterov=True)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for _ in range(3):
+        x = torch.randn(8, 4)
+        conn = frozen(x.view(8, 4, 1, 1)).sum() * 0.0   # in the graph, zero weight (as before distillation)
+        optimizer_step(F.mse_loss(trained(x), x) + conn, opt, scaler, params, 0.0, frozen=list(frozen.parameters()))
+    assert all(torch.equal(p, b) for p, b in zip(frozen.parameters(), before))
+    assert all(id(p) not in {id(q) for q in opt.state} for p in frozen.parameters())   # no momentum buffer
+    # the same steps without `frozen`: weight decay alone shrinks the BN gamma (the bug this prevents)
+    optimizer_step(frozen(torch.randn(8, 4, 1, 1)).sum() * 0.0, opt, scaler, params, 0.0)
+    assert frozen[1].weight.abs().max() < 1.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_rank_state(rank: int, port: int, out: dict) -> None:
+    import torch.distributed as tdist
+
+    from raypipe import dist
+    from raypipe.engine import Runtime, wrap_ddp
+    from raypipe.teacher import build_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(100 + rank)   # each worker seeds differently (seed + rank), as make_runtime does
+    cfg = load_config(overrides=["teacher.queue_size=8", "teacher.proj_hidden=16", "teacher.proj_dim=4",
+                                 "teacher.batch_size=4", "resources.num_workers=2"])
+    model = build_model(cfg, world_size=2)
+    net = wrap_ddp(model, Runtime(torch.device("cpu"), None, False, 2, rank))
+    queue_at_start = model.queue.clone()
+    model.train()
+    # different data per rank -> different BN running statistics per rank
+    net(torch.randn(4, 3, 16, 16) + 3 * rank, torch.randn(4, 3, 16, 16) + 3 * rank)
+    bn = model.backbone.bn1
+    local_mean = bn.running_mean.clone()
+    dist.average_bn_statistics(model)
+    out[rank] = {"queue": queue_at_start.tolist(), "local_mean": local_mean.tolist(), "mean": bn.running_mean.tolist(),
+                 "split_bn": any(type(m).__name__ == "SplitBatchNorm2d" for m in model.modules())}
+    tdist.destroy_process_group()
+
+
+def _spawn_entry(rank, port, queue):
+    out = {}
+    _two_rank_state(rank, port, out)
+    queue.put((rank, out[rank]))
+
+
+def test_two_workers_start_with_one_queue_and_evaluate_with_averaged_bn_statistics():
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=_spawn_entry, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    a, b = ({k: torch.tensor(v) if isinstance(v, list) else v for k, v in results[r].items()} for r in (0, 1))
+    assert torch.equal(a["queue"], b["queue"])                      # rank 0's queue everywhere from step one
+    assert not a["split_bn"] and not b["split_bn"]                   # several workers: per-worker BN
+    assert not torch.allclose(a["local_mean"], b["local_mean"])      # the ranks' statistics differed ...
+    assert torch.allclose(a["mean"], b["mean"])                      # ... and are now one set
+    assert torch.allclose(a["mean"], (a["local_mean"] + b["local_mean"]) / 2, atol=1e-6)
