@@ -17,17 +17,17 @@ from pathlib import Path
 
 import torch
 
-from raypipe import dist, engine
+from raypipe import engine
 from raypipe.config import load_config
 from raypipe.data import decode_split, normalize, scan_dataset, with_view
-from raypipe.losses import contrastive_logits, margin_nce_loss
-from raypipe.teacher import build_model, train_loop
+from raypipe.teacher import build_model, contrastive_step, train_loop
 
 
 def plain_loop(cfg, dataset, epochs):
     torch.manual_seed(0)
     t = cfg.teacher
     model = build_model(cfg)
+    rt = engine.make_runtime(cfg.resources, t.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = engine.make_sgd(params, t, engine.scaled_lr(t, 1))
     times = []
@@ -35,12 +35,11 @@ def plain_loop(cfg, dataset, epochs):
         start = time.perf_counter()
         model.train()
         for batch in dataset.iter_torch_batches(batch_size=t.batch_size, drop_last=True):
-            q, k = model(normalize(batch["view1"]), normalize(batch["view2"]))
-            loss = margin_nce_loss(*contrastive_logits(q, k, model.queue.clone()), t.margin, t.temperature)
+            loss, _, _ = contrastive_step(model, model, normalize(batch["view1"]), normalize(batch["view2"]),
+                                          t.margin, t.temperature, rt)  # the phase's own step
             opt.zero_grad()
             loss.backward()
             opt.step()
-            model.enqueue(dist.all_gather_cat(k))
         times.append(time.perf_counter() - start)
     return times
 

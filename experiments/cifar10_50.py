@@ -452,26 +452,37 @@ def table(steps: list[Step]) -> str:
     return "\n".join(out)
 
 
+def write_block(path: Path, block: str, begin: str = BEGIN, end: str = END, title: str = "Results") -> None:
+    """Replace the generated block (``begin`` ... ``end``, markers included in ``block``) of ``path``;
+    the hand-written text around it stays."""
+    doc = path.read_text() if path.is_file() else f"# {title}\n\n{begin}\n{end}\n"
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{path} lost its {begin!r} / {end!r} markers; restore them to regenerate")
+    head, rest = doc.split(begin, 1)
+    path.write_text(head + block + rest.split(end, 1)[1])
+    print(f"wrote {path}", flush=True)
+
+
 def write_table(steps: list[Step]) -> None:
-    text = table(steps)
-    doc = RESULTS.read_text() if RESULTS.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{RESULTS} lost its {BEGIN!r} / {END!r} markers; restore them to regenerate")
-    head, rest = doc.split(BEGIN, 1)
-    RESULTS.write_text(head + text + rest.split(END, 1)[1])
-    print(f"wrote {RESULTS}", flush=True)
+    write_block(RESULTS, table(steps))
+
+
+def runner_args(argv: list[str] | None, description: str, doc: Path, only_help: str) -> argparse.Namespace:
+    """The command line every runner of this folder shares; checks the data, moves to the repo."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="../shared/data/cifar10-50", help="the cifar10-50 folder")
+    p.add_argument("--table-only", action="store_true", help=f"only rewrite {doc} from the run folders")
+    p.add_argument("--only", nargs="+", help=only_help)
+    args = p.parse_args(argv)
+    os.chdir(REPO)
+    if not args.table_only and not Path(args.data, "train").is_dir():
+        raise SystemExit(f"{args.data}/train not found: pass --data PATH/TO/cifar10-50")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="../shared/data/cifar10-50", help="the cifar10-50 folder")
-    p.add_argument("--table-only", action="store_true", help="only rewrite docs/results.md from the run folders")
-    p.add_argument("--only", nargs="+", help="run just these steps (names as in runs/cifar10_50/steps)")
-    args = p.parse_args(argv)
-    os.chdir(REPO)
+    args = runner_args(argv, __doc__, RESULTS, "run just these steps (names as in runs/cifar10_50/steps)")
     if not args.table_only:
-        if not Path(args.data, "train").is_dir():
-            raise SystemExit(f"{args.data}/train not found: pass --data PATH/TO/cifar10-50")
         only = set(args.only) if args.only else None
         for stage in STAGES:
             try:

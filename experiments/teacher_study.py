@@ -12,9 +12,7 @@ runs/cifar10_50 with experiments/cifar10_50.py (same step records: a finished ar
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -87,24 +85,12 @@ def table() -> str:
 
 
 def write_table() -> None:
-    doc = RESULTS.read_text() if RESULTS.is_file() else f"# Teacher study\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{RESULTS} lost its markers; restore them to regenerate")
-    head, rest = doc.split(BEGIN, 1)
-    RESULTS.write_text(head + table() + rest.split(END, 1)[1])
-    print(f"wrote {RESULTS}", flush=True)
+    repro.write_block(RESULTS, table(), BEGIN, END, title="Teacher study")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="../shared/data/cifar10-50", help="the cifar10-50 folder")
-    p.add_argument("--table-only", action="store_true", help="only rewrite the table from the run folders")
-    p.add_argument("--only", nargs="+", help="run just these arms (e.g. study_e400)")
-    args = p.parse_args(argv)
-    os.chdir(REPO)
+    args = repro.runner_args(argv, __doc__, RESULTS, "run just these arms (e.g. study_e400)")
     if not args.table_only:
-        if not Path(args.data, "train").is_dir():
-            raise SystemExit(f"{args.data}/train not found: pass --data PATH/TO/cifar10-50")
         only = {f"{kind}_{arm}" for arm in args.only for kind in ("pretrain", "probe")} if args.only else None
         for step in steps(args.data):
             if (only is None or step.name in only) and not repro.is_done(step):

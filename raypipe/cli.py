@@ -16,6 +16,7 @@ from .config import AVERAGES, PROBE_LRS, ConfigError, load_config
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (e.g. experiments/configs/demo.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. teacher.epochs=5")
+    p.add_argument("--verbose", action="store_true", help="also print Ray's own logs (INFO and up)")
 
 
 def _load(args, extra: list[str] | None = None):
@@ -218,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         from .tune import cli_main
         return cli_main(argv[1:])
     args = parse_args(build_parser(), argv)
+    if getattr(args, "verbose", False):
+        from .progress import set_verbose
+        set_verbose(True)
     from .data import DataError
     from .engine import CheckpointError
     try:

@@ -154,10 +154,11 @@ class Loop:
     resume and the per-epoch report/checkpoint. A phase only writes its own step."""
 
     def __init__(self, model: nn.Module, opt: OptimConfig, cfg: Config, rt: Runtime, n_train: int,
-                 local_checkpoint_dir: str | None = None):
+                 local_checkpoint_dir: str | None = None, print_epochs: bool = True):
         import ray.train
 
         self.model, self.opt, self.cfg, self.rt = model, opt, cfg, rt
+        self.print_epochs = print_epochs  # off under Tune: its callback prints the epoch line
         self.local_checkpoint_dir = local_checkpoint_dir
         resume = load_resume_state()
         if resume:
@@ -203,7 +204,7 @@ class Loop:
             state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scaler": self.scaler.state_dict(), "epoch": epoch, "history": self.history,
                      "rng": dist.all_gather_objects(rng_state()), "world_size": rt.world_size}
-        if rt.is_main:
+        if rt.is_main and self.print_epochs:
             print_epoch(phase, metrics, print_keys)
         report_epoch(metrics, state, rt, self.local_checkpoint_dir)
 
@@ -508,13 +509,32 @@ QUIET_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_
 
 
 def ensure_ray(**init_kwargs) -> None:
-    """Connect to the cluster named by RAY_ADDRESS (``ray submit``/``ray job``) or start a local one."""
+    """Connect to the cluster named by RAY_ADDRESS (``ray submit``/``ray job``) or start a local one.
+
+    Unless verbose (``--verbose``), Ray's own INFO logging is off in the driver and in every worker
+    of the job (warnings and errors still show). Train's print patch is off everywhere: it logs
+    every ``print`` of a worker AND prints it, so each epoch line would appear twice.
+    """
+    import logging
+
     import ray
+
+    from .progress import VERBOSE_ENV, verbose
 
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
     if not ray.is_initialized():
-        ray.init(log_to_driver=True, **init_kwargs)
+        runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
+        job_env = {**{k: os.environ[k] for k in QUIET_ENV}, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                   VERBOSE_ENV: "1" if verbose() else "0"}
+        if "address" not in init_kwargs and not os.environ.get("RAY_ADDRESS"):
+            job_env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"  # one local node: nothing to preempt
+        runtime_env["env_vars"] = {**job_env, **runtime_env.get("env_vars", {})}
+        if not verbose():
+            init_kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="WARNING"))
+            init_kwargs.setdefault("logging_level", logging.WARNING)
+        os.environ.update(job_env)  # a local cluster's raylet and workers inherit these too
+        ray.init(log_to_driver=True, runtime_env=runtime_env, **init_kwargs)
     quiet_ray_data()
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from .progress import role
+
 STAGES = {"stage1_teacher": "knn_top1", "stage2_student": "val_top1", "stage3_final": "val_top1"}
 
 
@@ -35,9 +37,10 @@ def load_stage(exp_dir: Path, stage: str, metric: str):
             row[p] = _get(trial.config, p)
         if "final" in trial.config:
             row["final"] = trial.config["final"]
+        row["role"] = role(trial.config, params)
         rows.append(row)
         if df is not None and len(values):
-            curves[trial.trial_id] = df
+            curves[row["role"] if row["role"] not in curves else f"{row['role']} ({trial.trial_id})"] = df
     rows.sort(key=lambda r: -r["best"] if not math.isnan(r["best"]) else math.inf)
     return rows, params, curves, record
 
@@ -86,15 +89,18 @@ def plot_stage(out_dir: Path, stage: str, metric: str, rows: list[dict], params:
             ax.set_xlabel(p)
             ax.set_ylabel(f"best {metric}")
             if p.endswith(("temperature", "distill_weight", ".lr")):
+                from matplotlib.ticker import LogLocator, NullFormatter
                 ax.set_xscale("log")
+                ax.xaxis.set_major_locator(LogLocator(numticks=4))
+                ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
         fig.suptitle(f"{stage}: {metric} against each searched parameter")
         fig.tight_layout()
         written.append(out_dir / f"{stage}_params.png")
         fig.savefig(written[-1], dpi=90)
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for trial, df in curves.items():
-        ax.plot(df["training_iteration"], df[metric], marker="o", label=trial)
+    for name, df in curves.items():  # named by role: supervised, distill_0, margin 0.4 temperature 0.2 ...
+        ax.plot(df["training_iteration"], df[metric], marker="o", label=name)
     ax.set_xlabel("epoch (training_iteration)")
     ax.set_ylabel(metric)
     ax.set_title(f"{stage}: learning curves")
@@ -102,7 +108,7 @@ def plot_stage(out_dir: Path, stage: str, metric: str, rows: list[dict], params:
         ax.legend(fontsize=7)
     fig.tight_layout()
     written.append(out_dir / f"{stage}_curves.png")
-    fig.savefig(written[-1], dpi=90)
+    fig.savefig(written[-1], dpi=90, metadata={"Description": "legend: " + " | ".join(curves)})
     plt.close(fig)
     if params:
         written.append(plot_importances(out_dir / f"{stage}_importance.png", stage, rows, params))
@@ -158,6 +164,9 @@ def show_results(exp_dir: str | Path, out_dir: str | Path | None = None) -> dict
     exp_dir = Path(exp_dir).resolve()
     if not exp_dir.is_dir():
         raise FileNotFoundError(f"experiment folder not found: {exp_dir}")
+    if not any((exp_dir / stage).is_dir() for stage in STAGES):
+        raise FileNotFoundError(f"{exp_dir} is not a tune_margin experiment: none of {', '.join(STAGES)} is in it "
+                                f"(pass the folder that holds summary.md, e.g. runs/tune_margin)")
     out_dir = Path(out_dir) if out_dir else exp_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {}

@@ -90,7 +90,8 @@ def train_loop(loop_config: dict) -> None:
         teacher.to(rt.device)
         if rt.channels_last:
             teacher.to(memory_format=torch.channels_last)
-    loop = engine.Loop(student, s, cfg, rt, meta["n_train"], loop_config.get("local_checkpoint_dir"))
+    loop = engine.Loop(student, s, cfg, rt, meta["n_train"], loop_config.get("local_checkpoint_dir"),
+                       print_epochs=meta.get("print_epochs", True))
     for epoch in loop.epochs():
         student.train()
         if teacher is not None:
@@ -142,7 +143,7 @@ def export_student(cfg: Config, state: dict, path: Path, classes: list[str], tea
 
 
 def train_student(cfg: Config, teacher_path: str | Path | None = None, run_dir: Path | None = None,
-                  callbacks: list | None = None, storage_path: str | None = None) -> dict:
+                  callbacks: list | None = None, storage_path: str | None = None, print_epochs: bool = True) -> dict:
     """Phase 2 end to end: check teacher and data, train, export ``student.pt``."""
     import ray
 
@@ -162,7 +163,7 @@ def train_student(cfg: Config, teacher_path: str | Path | None = None, run_dir: 
                                    autoaugment=s.autoaugment, min_scale=s.crop_min_scale),
                 "val": with_view(decoded["val"], "eval", cfg.data)}
     classes = index["train"].classes
-    meta = {"n_train": decoded["train"].count, "num_classes": len(classes),
+    meta = {"n_train": decoded["train"].count, "num_classes": len(classes), "print_epochs": print_epochs,
             "teacher_ref": ray.put(payload["state_dict"]) if payload is not None else None}
     result = engine.run_trainer(train_loop, cfg, {"cfg": cfg.to_dict(), "meta": meta}, datasets, run_dir,
                                 callbacks=callbacks, storage_path=storage_path)

@@ -54,7 +54,8 @@ def train_loop(loop_config: dict) -> None:
     t = cfg.teacher
     rt = engine.make_runtime(cfg.resources, t.seed)
     model = build_model(cfg, rt.world_size)
-    loop = engine.Loop(model, t, cfg, rt, meta["n_train"], loop_config.get("local_checkpoint_dir"))
+    loop = engine.Loop(model, t, cfg, rt, meta["n_train"], loop_config.get("local_checkpoint_dir"),
+                       print_epochs=meta.get("print_epochs", True))
     for epoch in loop.epochs():
         model.train()
         speed = engine.Throughput()
@@ -86,7 +87,7 @@ def export_teacher(cfg: Config, state: dict, path: Path, classes: list[str]) -> 
 
 
 def pretrain(cfg: Config, run_dir: Path | None = None, callbacks: list | None = None,
-             storage_path: str | None = None) -> dict:
+             storage_path: str | None = None, print_epochs: bool = True) -> dict:
     """Phase 1 end to end: check data, decode it with Ray Data, train, export ``teacher.pt``."""
     from .data import decode_split, with_view
 
@@ -109,7 +110,7 @@ def pretrain(cfg: Config, run_dir: Path | None = None, callbacks: list | None = 
     datasets = {"train": with_view(decoded["train"], "moco", cfg.data, shuffle=True),
                 "bank": with_view(decoded["train"], "eval", cfg.data),
                 "val": with_view(decoded["val"], "eval", cfg.data)}
-    meta = {"n_train": n_train, "num_classes": len(index["train"].classes)}
+    meta = {"n_train": n_train, "num_classes": len(index["train"].classes), "print_epochs": print_epochs}
     result = engine.run_trainer(train_loop, cfg, {"cfg": cfg.to_dict(), "meta": meta}, datasets, run_dir,
                                 callbacks=callbacks, storage_path=storage_path)
     state = engine.final_state(result)

@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import engine
+from . import engine, progress
+from .cli import parse_args as overrides_anywhere
 from .config import Config, ConfigError, load_config
 from .data import scan_dataset
 
@@ -162,7 +163,8 @@ def teacher_trial(config: dict, ctx: dict) -> None:
 
     from .teacher import pretrain
     run_dir, storage = _trial_paths(ctx)
-    pretrain(Config.from_dict(config), run_dir=run_dir, callbacks=[TuneReportCallback()], storage_path=storage)
+    pretrain(Config.from_dict(config), run_dir=run_dir, callbacks=[TuneReportCallback()], storage_path=storage,
+             print_epochs=progress.verbose())
 
 
 def student_trial(config: dict, ctx: dict) -> None:
@@ -172,7 +174,8 @@ def student_trial(config: dict, ctx: dict) -> None:
     run_dir, storage = _trial_paths(ctx)
     cfg = Config.from_dict(config)
     teacher = ctx.get("teacher") if cfg.student.mode != "supervised" else None
-    train_student(cfg, teacher, run_dir=run_dir, callbacks=[TuneReportCallback()], storage_path=storage)
+    train_student(cfg, teacher, run_dir=run_dir, callbacks=[TuneReportCallback()], storage_path=storage,
+                  print_epochs=progress.verbose())
 
 
 def final_trial(config: dict, ctx: dict) -> None:
@@ -192,6 +195,9 @@ def run_tune_stage(stage: str, trainable, ctx: dict, cfg: Config, space: dict | 
 
     path = join(ctx["storage"], stage)
     fn = tune.with_resources(tune.with_parameters(trainable, ctx=ctx), {"CPU": cfg.tune.driver_cpus})
+    params = list(space or {})
+    print(f"\n[{stage}] {'grid of ' + str(len(grid)) if grid is not None else num_samples} trials"
+          + (f", searching {', '.join(params)}" if params else ""), flush=True)
     if tune.Tuner.can_restore(path):
         print(f"[{stage}] restoring {path}: finished trials are kept", flush=True)
         tuner = tune.Tuner.restore(path, trainable=fn, resume_errored=True)
@@ -208,10 +214,14 @@ def run_tune_stage(stage: str, trainable, ctx: dict, cfg: Config, space: dict | 
             tune_config = tune.TuneConfig(metric=metric, mode="max", search_alg=searcher, scheduler=scheduler,
                                           num_samples=num_samples, max_concurrent_trials=trial_concurrency(cfg))
             param = param_space(cfg, space)
+        loud = progress.verbose()  # Tune's own tables, or one line per epoch per trial
         tuner = tune.Tuner(fn, param_space=param, tune_config=tune_config,
                            run_config=tune.RunConfig(name=stage, storage_path=ctx["storage"],
-                                                     failure_config=tune.FailureConfig(max_failures=1)))
+                                                     failure_config=tune.FailureConfig(max_failures=1),
+                                                     verbose=1 if loud else 0,
+                                                     callbacks=[] if loud else [progress.TrialProgress(stage, params)]))
     grid_result = tuner.fit()
+    print(progress.leaderboard(grid_result, stage, metric, params), flush=True)
     errors = [r.error for r in grid_result if r.error is not None]
     if errors and len(errors) == len(grid_result):
         raise RuntimeError(f"[{stage}] every trial failed; first error: {errors[0]}")
@@ -439,8 +449,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", help="experiment name (tune.experiment); re-running a name resumes it")
     p.add_argument("--max-concurrent-trials", type=int, help="for autoscaling clusters whose nodes do not exist yet")
     p.add_argument("--smoke", action="store_true", help="tiny trials on demo data (minutes on a laptop)")
+    p.add_argument("--verbose", action="store_true", help="Tune's own tables and Ray's logs as well")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. teacher.epochs=50")
-    return p.parse_args(argv)
+    return overrides_anywhere(p, sys.argv[1:] if argv is None else argv)
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -460,6 +471,7 @@ def build_config(args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    progress.set_verbose(args.verbose)
     command = "python experiments/tune_margin.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     cfg = build_config(args)  # every config error surfaces here, before Ray starts
     storage = cfg.tune.storage if is_uri(cfg.tune.storage) else str(Path(cfg.tune.storage).resolve())

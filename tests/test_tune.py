@@ -2,6 +2,7 @@
 `ray submit` does), smoke mode on demo data, killed mid-search and re-run, then `raypipe results`."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -60,6 +61,14 @@ def test_smoke_main_job_killed_and_resumed_then_results(ray_cluster, tmp_path):
     (tmp_path / "run2.log").write_text(output)
     assert second.returncode == 0, output[-3000:]
     assert "[stage1_teacher] restoring" in output
+    # output for people: a short log, no line twice in a row, no Ray internals, one line per epoch by role
+    lines = output.splitlines()
+    assert len(lines) < 150, f"{len(lines)} lines"
+    assert not [a for a, b in zip(lines, lines[1:]) if a == b and a.strip()], "a line printed twice in a row"
+    assert "core_worker.cc" not in output and "Connecting to existing Ray cluster" not in output
+    assert "brand new training job" not in output and "TrainingReport(" not in output
+    assert "[stage2_student] leaderboard" in output and "| + 10-crop |" in output
+    assert re.search(r"^\[stage3_final\] \w+ \(distill_0\)  epoch 1  loss ", output, re.M)
 
     after = trial_iterations(exp / "stage1_teacher")
     assert len(after) == 2                                     # tune.teacher_trials, none duplicated
@@ -87,8 +96,10 @@ def test_smoke_main_job_killed_and_resumed_then_results(ray_cluster, tmp_path):
     assert json.loads((exp / "eval" / "ensemble_10crop" / "report.json").read_text())["views"] == "10-crop"
 
     # a third run finds every stage done and only re-prints the table
-    third = subprocess.run(cmd, cwd=script.parent, env=env, capture_output=True, text=True, timeout=300)
+    third = subprocess.run(cmd + ["--verbose"], cwd=script.parent, env=env, capture_output=True, text=True,
+                           timeout=300)
     assert third.returncode == 0 and "[stage3_final] done before" in third.stdout
+    assert "Connecting to existing Ray cluster" in third.stdout + third.stderr   # --verbose: Ray's INFO logs
 
     res = subprocess.run([sys.executable, "-m", "raypipe.cli", "results", str(exp)], env=env,
                          capture_output=True, text=True, timeout=300)
@@ -98,3 +109,12 @@ def test_smoke_main_job_killed_and_resumed_then_results(ray_cluster, tmp_path):
     for name in ("stage1_teacher_params.png", "stage1_teacher_curves.png", "stage1_teacher_importance.png",
                  "stage2_student_curves.png"):
         assert (exp / "plots" / name).stat().st_size > 1000, name
+    from PIL import Image
+    legend = Image.open(exp / "plots" / "stage3_final_curves.png").text["Description"]
+    assert {"supervised", "finetune", "distill_0", "distill_1"} <= set(legend.removeprefix("legend: ").split(" | "))
+    assert "margin " in Image.open(exp / "plots" / "stage1_teacher_curves.png").text["Description"]
+    # a folder that is not an experiment: a clear error, nothing written there
+    wrong = subprocess.run([sys.executable, "-m", "raypipe.cli", "results", str(tmp_path / "elsewhere")],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "is not a tune_margin experiment" in wrong.stderr
+    assert not (tmp_path / "elsewhere" / "plots").exists()
