@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import AVERAGES, PROBE_LRS, ConfigError, load_config
+from .config import AVERAGES, PROBE_LRS, ConfigError, load_config, set_verbose
 
 # torch, Ray and the phase modules are imported by the commands that use them: `--help` stays fast.
 
@@ -220,7 +220,6 @@ def main(argv: list[str] | None = None) -> int:
         return cli_main(argv[1:])
     args = parse_args(build_parser(), argv)
     if getattr(args, "verbose", False):
-        from .progress import set_verbose
         set_verbose(True)
     from .data import DataError
     from .engine import CheckpointError

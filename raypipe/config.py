@@ -7,12 +7,26 @@ turns it back into a validated config inside workers and trial drivers.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+VERBOSE_ENV = "RAYPIPE_VERBOSE"
+
+
+def verbose() -> bool:
+    """``--verbose`` (or RAYPIPE_VERBOSE=1): Ray's and Tune's own output as well."""
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def set_verbose(on: bool) -> None:
+    if on:
+        os.environ[VERBOSE_ENV] = "1"
 
 
 class ConfigError(ValueError):

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import dist
-from .config import Config, ConfigError, OptimConfig, ResourcesConfig
+from .config import VERBOSE_ENV, Config, ConfigError, OptimConfig, ResourcesConfig, verbose
 
 STATE_FILE = "state.pt"
 MODEL_FORMAT = "raypipe-model"
@@ -64,6 +64,9 @@ def make_runtime(res: ResourcesConfig, seed: int) -> Runtime:
         device = get_device()
     except Exception:  # outside Ray Train (plain loops, benchmarks)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not verbose():  # Train sets the workers' root logger to INFO; some of its logs bypass ray.train
+        import logging
+        logging.getLogger().setLevel(logging.WARNING)
     gpu = device.type == "cuda"
     amp = None
     if gpu and res.amp != "off":
@@ -398,8 +401,12 @@ def run_trainer(train_fn: Callable, cfg: Config, loop_config: dict, datasets: di
         storage = f"{res.storage_path.rstrip('/')}/{cfg.name}"
     else:                             # the run folder itself
         storage = str(run_dir.resolve())
+    from ray.train import LoggingConfig
+
     run_config = RunConfig(
         name="train", storage_path=storage, callbacks=callbacks or [],
+        # quiet: an early-stopped trial makes Train log an expected shutdown traceback as a warning
+        logging_config=LoggingConfig(log_level="INFO" if verbose() else "ERROR"),
         checkpoint_config=CheckpointConfig(num_to_keep=res.keep_checkpoints),
         failure_config=FailureConfig(max_failures=res.max_failures))
     if res.num_workers == 0:
@@ -511,15 +518,14 @@ QUIET_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_
 def ensure_ray(**init_kwargs) -> None:
     """Connect to the cluster named by RAY_ADDRESS (``ray submit``/``ray job``) or start a local one.
 
-    Unless verbose (``--verbose``), Ray's own INFO logging is off in the driver and in every worker
-    of the job (warnings and errors still show). Train's print patch is off everywhere: it logs
-    every ``print`` of a worker AND prints it, so each epoch line would appear twice.
+    Unless verbose (``--verbose``): Ray's logs show from WARNING up in the driver and from ERROR up
+    in the job's workers and Train (their warnings are about Ray's own internals, e.g. the expected
+    shutdown traceback of an early-stopped trial), Ray Data's from ERROR up. Train's print patch is
+    off everywhere: it logs every ``print`` of a worker AND prints it, so each line appeared twice.
     """
     import logging
 
     import ray
-
-    from .progress import VERBOSE_ENV, verbose
 
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
@@ -527,15 +533,31 @@ def ensure_ray(**init_kwargs) -> None:
         runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
         job_env = {**{k: os.environ[k] for k in QUIET_ENV}, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
                    VERBOSE_ENV: "1" if verbose() else "0"}
+        if not verbose():
+            job_env.setdefault("RAY_DATA_LOG_LEVEL", os.environ.get("RAY_DATA_LOG_LEVEL", "ERROR"))
         if "address" not in init_kwargs and not os.environ.get("RAY_ADDRESS"):
             job_env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"  # one local node: nothing to preempt
         runtime_env["env_vars"] = {**job_env, **runtime_env.get("env_vars", {})}
+        runtime_env.setdefault("worker_process_setup_hook", "raypipe.engine.hide_internal_deprecations")
         if not verbose():
-            init_kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="WARNING"))
+            init_kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="ERROR"))  # the job's workers
             init_kwargs.setdefault("logging_level", logging.WARNING)
         os.environ.update(job_env)  # a local cluster's raylet and workers inherit these too
         ray.init(log_to_driver=True, runtime_env=runtime_env, **init_kwargs)
     quiet_ray_data()
+    hide_internal_deprecations()
+
+
+def hide_internal_deprecations() -> None:
+    """Warnings Ray raises about its own internals (Train's DataConfig sets a deprecated Ray Data
+    option on every run): nothing a user can change, so hidden unless verbose, in the driver and
+    in every worker of the job (its ``worker_process_setup_hook``)."""
+    import warnings
+
+    if not verbose():
+        warnings.filterwarnings("ignore", message="`ExecutionOptions.exclude_resources` is deprecated")
+        # Ray Data hands read-only NumPy views to torch.as_tensor; the batch is copied to the device anyway
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 def quiet_ray_data() -> None:

@@ -2,25 +2,12 @@
 and a leaderboard per stage. Tune's own console output is off unless ``--verbose``."""
 from __future__ import annotations
 
-import os
-
 try:
     from ray.tune import Callback
 except ImportError:  # pragma: no cover - ray[tune] is a dependency
     Callback = object
 
-VERBOSE_ENV = "RAYPIPE_VERBOSE"
 EPOCH_METRICS = ("loss", "knn_top1", "ce", "distill", "val_top1", "images_per_s")
-
-
-def verbose() -> bool:
-    """``--verbose`` (or RAYPIPE_VERBOSE=1): Ray's and Tune's own output as well."""
-    return os.environ.get(VERBOSE_ENV) == "1"
-
-
-def set_verbose(on: bool) -> None:
-    if on:
-        os.environ[VERBOSE_ENV] = "1"
 
 
 def fmt(value) -> str:

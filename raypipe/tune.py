@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import engine, progress
 from .cli import parse_args as overrides_anywhere
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, set_verbose, verbose
 from .data import scan_dataset
 
 TEACHER_METRIC, STUDENT_METRIC = "knn_top1", "val_top1"
@@ -164,7 +164,7 @@ def teacher_trial(config: dict, ctx: dict) -> None:
     from .teacher import pretrain
     run_dir, storage = _trial_paths(ctx)
     pretrain(Config.from_dict(config), run_dir=run_dir, callbacks=[TuneReportCallback()], storage_path=storage,
-             print_epochs=progress.verbose())
+             print_epochs=verbose())
 
 
 def student_trial(config: dict, ctx: dict) -> None:
@@ -175,7 +175,7 @@ def student_trial(config: dict, ctx: dict) -> None:
     cfg = Config.from_dict(config)
     teacher = ctx.get("teacher") if cfg.student.mode != "supervised" else None
     train_student(cfg, teacher, run_dir=run_dir, callbacks=[TuneReportCallback()], storage_path=storage,
-                  print_epochs=progress.verbose())
+                  print_epochs=verbose())
 
 
 def final_trial(config: dict, ctx: dict) -> None:
@@ -193,6 +193,7 @@ def run_tune_stage(stage: str, trainable, ctx: dict, cfg: Config, space: dict | 
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose() else optuna.logging.WARNING)
     path = join(ctx["storage"], stage)
     fn = tune.with_resources(tune.with_parameters(trainable, ctx=ctx), {"CPU": cfg.tune.driver_cpus})
     params = list(space or {})
@@ -214,7 +215,7 @@ def run_tune_stage(stage: str, trainable, ctx: dict, cfg: Config, space: dict | 
             tune_config = tune.TuneConfig(metric=metric, mode="max", search_alg=searcher, scheduler=scheduler,
                                           num_samples=num_samples, max_concurrent_trials=trial_concurrency(cfg))
             param = param_space(cfg, space)
-        loud = progress.verbose()  # Tune's own tables, or one line per epoch per trial
+        loud = verbose()  # Tune's own tables, or one line per epoch per trial
         tuner = tune.Tuner(fn, param_space=param, tune_config=tune_config,
                            run_config=tune.RunConfig(name=stage, storage_path=ctx["storage"],
                                                      failure_config=tune.FailureConfig(max_failures=1),
@@ -471,7 +472,7 @@ def build_config(args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    progress.set_verbose(args.verbose)
+    set_verbose(args.verbose)
     command = "python experiments/tune_margin.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     cfg = build_config(args)  # every config error surfaces here, before Ray starts
     storage = cfg.tune.storage if is_uri(cfg.tune.storage) else str(Path(cfg.tune.storage).resolve())
