@@ -183,6 +183,10 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
 
+    def global_batch(self, phase: str = "teacher") -> int:
+        """Images per optimiser step over all workers (the queue and lr rules are stated in it)."""
+        return getattr(self, phase).batch_size * max(1, self.resources.num_workers)
+
     # ---- conversions -------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -333,7 +337,7 @@ def validate(cfg: Config) -> None:
     """Range/choice checks on every field, then the cross-field rules."""
     _check_fields(cfg, prefix="")
     t, r = cfg.teacher, cfg.resources
-    global_batch = t.batch_size * max(1, r.num_workers)
+    global_batch = cfg.global_batch("teacher")
     if t.queue_size % global_batch:
         raise ConfigError(
             f"teacher.queue_size={t.queue_size} must be a multiple of the global batch "

@@ -93,7 +93,7 @@ def pretrain(cfg: Config, run_dir: Path | None = None, callbacks: list | None = 
 
     index = scan_dataset(cfg.data, ("train", "val"))  # layout errors before any Ray resource
     t = cfg.teacher
-    n_images, global_batch = len(index["train"]), t.batch_size * max(1, cfg.resources.num_workers)
+    n_images, global_batch = len(index["train"]), cfg.global_batch("teacher")
     if t.queue_size > n_images:
         fit = n_images // global_batch * global_batch
         hint = f"use at most {fit}" if fit else f"the global batch {global_batch} alone exceeds the data"
@@ -104,7 +104,7 @@ def pretrain(cfg: Config, run_dir: Path | None = None, callbacks: list | None = 
     decoded = {s: decode_split(index[s], cfg.data) for s in ("train", "val")}
     skipped = engine.write_data_report(run_dir, decoded)
     n_train = decoded["train"].count
-    if n_train < t.batch_size * max(1, cfg.resources.num_workers):
+    if n_train < global_batch:
         raise ConfigError(f"only {n_train} decodable training images: fewer than one global batch "
                           f"(teacher.batch_size x resources.num_workers)")
     datasets = {"train": with_view(decoded["train"], "moco", cfg.data, shuffle=True),

@@ -67,7 +67,7 @@ def upload(local: Path, uri: str) -> None:
 # ---- search spaces -------------------------------------------------------------------
 def queue_candidates(cfg: Config, n_train: int) -> list[int]:
     """K values Tune may pick: multiples of the global batch the training set can fill."""
-    gb = cfg.teacher.batch_size * max(1, cfg.resources.num_workers)
+    gb = cfg.global_batch("teacher")
     cap = n_train // gb * gb
     if cap < gb:
         raise ConfigError(f"{n_train} training images cannot fill one global batch of {gb}")
@@ -500,9 +500,13 @@ def main(argv: list[str] | None = None) -> dict:
     summary = write_summary(exp_dir, cfg, s1, s2, s3, ev, command, exp_storage)
     print(f"\n{cfg.tune.experiment}: test top-1 on {ev['n_test_images']} images "
           f"({time.time() - started:.0f} s this run)\n{render_table(ev['table'])}\n"
-          f"\nbest teacher params: {s1['best_params']}\nbest student params: {s2['best_params']}\n"
+          f"\nbest teacher params: {short(s1['best_params'])}\nbest student params: {short(s2['best_params'])}\n"
           f"summary: {exp_dir / 'summary.md'}\ninspect: raypipe results {exp_dir}", flush=True)
     return summary
+
+
+def short(params: dict) -> str:
+    return ", ".join(f"{k} {progress.fmt(v)}" for k, v in params.items())
 
 
 def cli_main(argv: list[str] | None = None) -> int:
