@@ -67,6 +67,7 @@ def make_runtime(res: ResourcesConfig, seed: int) -> Runtime:
     if not verbose():  # Train sets the workers' root logger to INFO; some of its logs bypass ray.train
         import logging
         logging.getLogger().setLevel(logging.WARNING)
+        hide_internal_deprecations()
     gpu = device.type == "cuda"
     amp = None
     if gpu and res.amp != "off":
@@ -537,8 +538,9 @@ def ensure_ray(**init_kwargs) -> None:
             job_env.setdefault("RAY_DATA_LOG_LEVEL", os.environ.get("RAY_DATA_LOG_LEVEL", "ERROR"))
         if "address" not in init_kwargs and not os.environ.get("RAY_ADDRESS"):
             job_env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"  # one local node: nothing to preempt
+        # No worker_process_setup_hook here: with one, Ray Data's task workers are not reused and a
+        # phase-1 epoch ran 6x slower (docs/benchmarks.md).
         runtime_env["env_vars"] = {**job_env, **runtime_env.get("env_vars", {})}
-        runtime_env.setdefault("worker_process_setup_hook", "raypipe.engine.hide_internal_deprecations")
         if not verbose():
             init_kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="ERROR"))  # the job's workers
             init_kwargs.setdefault("logging_level", logging.WARNING)
@@ -551,7 +553,7 @@ def ensure_ray(**init_kwargs) -> None:
 def hide_internal_deprecations() -> None:
     """Warnings Ray raises about its own internals (Train's DataConfig sets a deprecated Ray Data
     option on every run): nothing a user can change, so hidden unless verbose, in the driver and
-    in every worker of the job (its ``worker_process_setup_hook``)."""
+    in Train workers (Ray's DatasetManager actor still prints the first one once per run)."""
     import warnings
 
     if not verbose():
