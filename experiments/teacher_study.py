@@ -63,21 +63,22 @@ def knn_curve(arm: str) -> str:
 def table() -> str:
     fmt = repro.fmt
     random = repro.load(probe_file(RANDOM)) or {}
-    rows = [f"| random weights | - | - | - | {fmt(random.get('val_knn_top1'))} | - | "
-            f"{fmt(random.get('val_top1'))} | {fmt(random.get('test_top1'))} | {random.get('probe_lr', '-')} | - |"]
+    rows = [f"| random weights | - | - | {fmt(random.get('val_knn_top1'))} | - | {fmt(random.get('test_knn_top1'))} | "
+            f"- | {fmt(random.get('val_top1'))} | {fmt(random.get('test_top1'))} | {random.get('probe_lr', '-')} | - |"]
     for arm, overrides in ARMS.items():
         probe = repro.load(probe_file(arm)) or {}
-        gain = (probe["val_knn_top1"] - random["val_knn_top1"]
-                if "val_knn_top1" in probe and "val_knn_top1" in random else None)
+        gain = {s: probe[f"{s}_knn_top1"] - random[f"{s}_knn_top1"] if f"{s}_knn_top1" in probe
+                and f"{s}_knn_top1" in random else None for s in ("val", "test")}
         rows.append(f"| `{arm}` | {' '.join(overrides) or '(base.yaml)'} | {knn_curve(arm)} | "
-                    f"{fmt(probe.get('val_knn_top1'))} | {fmt(gain)} | {fmt(probe.get('test_knn_top1'))} | "
+                    f"{fmt(probe.get('val_knn_top1'))} | {fmt(gain['val'])} | {fmt(probe.get('test_knn_top1'))} | "
+                    f"{fmt(gain['test'])} | "
                     f"{fmt(probe.get('val_top1'))} | {fmt(probe.get('test_top1'))} | {probe.get('probe_lr', '-')} | "
                     f"{fmt(repro.wall_min(f'pretrain_{arm}', f'probe_{arm}'), '.1f')} |")
     return "\n".join([
         BEGIN, "",
         "| arm | overrides of base.yaml | k-NN val by epoch (monitor) | k-NN val | gain over random | "
-        "k-NN test | linear val | linear test | probe lr (val) | min |",
-        "|---|---|---|---|---|---|---|---|---|---|", *rows, "",
+        "k-NN test | gain over random | linear val | linear test | probe lr (val) | min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
         "k-NN: k = 50, t = 0.1, bank = train. Linear: MoCo's protocol on frozen features (fc N(0, 0.01), "
         "SGD momentum 0.9, no weight decay, 100 epochs, x0.1 at 60 and 80), lr from "
         "0.1 / 1 / 10 / 30 chosen on val. 2 CPU cores.", "",

@@ -147,9 +147,12 @@ def test_teacher_study_steps_are_valid_commands_and_its_table_reads_the_probes(r
         else:  # every probe picks its lr on val and reports test
             assert args.split == ["val", "test"] and (args.random_init or args.teacher)
     assert epochs == {"teacher_study_e100": 100, "teacher_study_e400": 400, "teacher_study_e100_t0.1": 100}
-    put(study.probe_file(study.RANDOM), {"val_knn_top1": 21.0, "val_top1": 20.0, "test_top1": 19.0, "probe_lr": 1.0})
+    put(study.probe_file(study.RANDOM), {"val_knn_top1": 21.0, "test_knn_top1": 20.0, "val_top1": 20.0,
+                                         "test_top1": 19.0, "probe_lr": 1.0})
     put(study.probe_file("study_e400"), {"val_knn_top1": 40.5, "test_knn_top1": 39.0, "val_top1": 41.0,
                                          "test_top1": 40.0, "probe_lr": 10.0})
     study.write_table()
     row = [line for line in repro.RESULTS.read_text().splitlines() if line.startswith("| `study_e400`")][0]
-    assert "| 40.50 | 19.50 | 39.00 | 41.00 | 40.00 | 10.0 |" in row   # k-NN, gain over random, ...
+    assert "| 40.50 | 19.50 | 39.00 | 19.00 | 41.00 | 40.00 | 10.0 |" in row   # k-NN, gain over random, ...
+    random_row = [line for line in repro.RESULTS.read_text().splitlines() if line.startswith("| random")][0]
+    assert "| 21.00 | - | 20.00 | - | 20.00 | 19.00 |" in random_row
