@@ -2,10 +2,7 @@
 and a leaderboard per stage. Tune's own console output is off unless ``--verbose``."""
 from __future__ import annotations
 
-try:
-    from ray.tune import Callback
-except ImportError:  # pragma: no cover - ray[tune] is a dependency
-    Callback = object
+from ray.tune import Callback
 
 EPOCH_METRICS = ("loss", "knn_top1", "ce", "distill", "val_top1", "images_per_s")
 
