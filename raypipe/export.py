@@ -1,12 +1,6 @@
 """Models for use outside raypipe: a plain torchvision ``state_dict``, an ONNX classifier and a
-JSON card (classes, input size, normalisation, how to rebuild the network).
-
-Loading the state_dict needs only torch and torchvision::
-
-    net = torchvision.models.resnet18(num_classes=10)          # card["arch"], card["num_classes"]
-    # small stem only (card["arch"]["small_stem"]): 3x3 conv of card["arch"]["stem_stride"], no max-pool
-    net.conv1 = torch.nn.Conv2d(3, 64, 3, card["arch"]["stem_stride"], 1, bias=False); net.maxpool = torch.nn.Identity()
-    net.load_state_dict(torch.load("student.state_dict.pt", weights_only=True))
+JSON card (classes, input size, normalisation, how to rebuild the network). The README
+("The phases one by one") has the torch + torchvision loading recipe; tests/test_export.py runs it.
 """
 from __future__ import annotations
 
@@ -17,7 +11,6 @@ import torch
 
 from .config import ConfigError
 from .data import MEAN, STD
-from .engine import load_model_file
 from .models import payload_arch
 
 
@@ -25,8 +18,8 @@ def export_model(model_path: str, out_dir: str | Path, onnx: bool = True) -> dic
     """Write ``<name>.state_dict.pt``, ``<name>.json`` and (classifiers, ``onnx``) ``<name>.onnx``."""
     from .student import load_exported
 
-    kind = load_model_file(model_path)["kind"]
-    net, payload = load_exported(model_path, kind)
+    net, payload = load_exported(model_path, kind=None)  # read once, whichever kind it holds
+    kind = payload["kind"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = Path(str(model_path).rstrip("/").rsplit("/", 1)[-1]).stem

@@ -53,14 +53,14 @@ class TrialProgress(Callback):
 def leaderboard(grid, stage: str, metric: str | None, params: list[str]) -> str:
     """A stage's trials, best first: role, status, epochs run and the best value of ``metric``
     (from the ResultGrid's dataframe; ASHA-stopped trials included)."""
-    rows = []
+    rows, most = [], _max_epochs(grid)
     for result in grid:
         df = result.metrics_dataframe
         epochs = 0 if df is None else len(df)
         best = None
         if metric and df is not None and metric in df and not df[metric].dropna().empty:
             best = float(df[metric].max())
-        status = "ERROR" if result.error else ("stopped early" if metric and epochs < _max_epochs(grid) else "done")
+        status = "ERROR" if result.error else ("stopped early" if metric and epochs < most else "done")
         rows.append((best if best is not None else float("-inf"), role(result.config, params), status, epochs, best))
     rows.sort(key=lambda r: r[0], reverse=True)
     head = f"| trial | status | epochs | best {metric} |" if metric else "| trial | status | epochs |"

@@ -177,13 +177,14 @@ def train_student(cfg: Config, teacher_path: str | Path | None = None, run_dir: 
     return final
 
 
-def load_exported(path: str | Path, kind: str = "classifier"):
+def load_exported(path: str | Path, kind: str | None = "classifier"):
     """An exported model file -> (eval-mode torchvision model, payload).
 
-    ``kind="classifier"``: a student/baseline with its ``fc``; ``"teacher"``: the phase-1 backbone.
+    ``kind="classifier"``: a student/baseline with its ``fc``; ``"teacher"``: the phase-1 backbone;
+    ``None``: whichever the file holds.
     """
     payload = engine.load_model_file(path, kind=kind)
-    num_classes = len(payload["classes"]) if kind == "classifier" else 0
+    num_classes = len(payload["classes"]) if payload["kind"] == "classifier" else 0
     net, _ = build_backbone(**payload_arch(payload), num_classes=num_classes)
     try:
         net.load_state_dict(payload["state_dict"])
