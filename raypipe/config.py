@@ -150,6 +150,8 @@ class TuneConfig:
     student_trials: int = opt(6, lo=1)
     max_concurrent_trials: int = opt(0, lo=0, doc="0 = from the cluster's resources")
     driver_cpus: float = opt(0.01, lo=0.001, hi=1.0, doc="CPU held by each trial's driver")
+    sync_period: int = opt(30, lo=1, doc="seconds between uploads of Tune's experiment state to remote storage "
+                                         "(what a resumed run restores from)")
     grace_period: int = opt(2, lo=1, doc="ASHA: epochs before a trial can be stopped")
     reduction_factor: int = opt(2, lo=2)
     asha_max_t: int = opt(0, lo=0, doc="ASHA max epochs per trial; 0 = the phase's epochs")

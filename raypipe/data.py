@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,7 +27,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
+from . import storage
 from .config import DataConfig
+from .storage import join
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey image
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif"}
@@ -58,50 +61,52 @@ class SplitIndex:
         return bool(self.labels) and self.labels[0] != UNLABELLED
 
 
-def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+def _is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith(".")
 
 
-def _parquet_files(root: Path, split: str) -> list[Path]:
-    single = root / f"{split}.parquet"
-    if single.is_file():
+def _images_in(folder: str) -> list[str]:
+    """Image files directly in a folder (local or URI), sorted by name."""
+    return [join(folder, n) for n, is_dir in storage.list_dir(folder) if not is_dir and _is_image_name(n)]
+
+
+def _parquet_files(root: str, split: str) -> list[str]:
+    single = join(root, f"{split}.parquet")
+    if storage.is_file(single):
         return [single]
-    folder = root / split
-    return sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    folder = join(root, split)
+    return [join(folder, n) for n, is_dir in storage.list_dir(folder) if not is_dir and n.endswith(".parquet")]
 
 
 def scan_split(root: str | Path, split: str, classes: list[str] | None = None) -> SplitIndex:
-    """Index one split of a folder or Parquet data set, with clear errors for bad layouts."""
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"data root does not exist: {root}")
+    """Index one split of a folder or Parquet data set (local or URI), with clear errors for bad layouts."""
+    root = str(root)
+    if not storage.exists(root):
+        raise DataError(f"data root does not exist: {root}{storage.missing_hint(root)}")
     files = _parquet_files(root, split)
     if files:
         return _scan_parquet(split, files, classes)
-    split_dir = root / split
-    if not split_dir.is_dir():
+    split_dir = join(root, split)
+    if not storage.is_dir(split_dir):
         raise DataError(f"split {split!r} not found: expected folder {split_dir} "
-                        f"or Parquet {root / (split + '.parquet')}")
-    vipriors_test = split_dir / "imgs"
-    if vipriors_test.is_dir() and not any(p.is_dir() for p in split_dir.iterdir() if p != vipriors_test):
-        paths = sorted(str(p) for p in vipriors_test.iterdir() if _is_image(p))
+                        f"or Parquet {join(root, split + '.parquet')}")
+    folders = [n for n, is_dir in storage.list_dir(split_dir) if is_dir and not n.startswith(".")]
+    if folders == ["imgs"]:  # VIPriors test split: unlabelled images
+        paths = _images_in(join(split_dir, "imgs"))
         if not paths:
-            raise DataError(f"split {split!r} is empty: no images in {vipriors_test}")
+            raise DataError(f"split {split!r} is empty: no images in {join(split_dir, 'imgs')}")
         return SplitIndex(split, list(classes or []), paths, [UNLABELLED] * len(paths))
-    class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not class_dirs:
+    if not folders:
         raise DataError(f"split {split!r} is empty: no class folders in {split_dir}")
-    found = [p.name for p in class_dirs]
-    empty = [p.name for p in class_dirs if not any(_is_image(f) for f in p.iterdir())]
+    images = {c: _images_in(join(split_dir, c)) for c in folders}
+    empty = [c for c in folders if not images[c]]
     if empty:
         raise DataError(f"split {split!r} has class folders without images: {empty} (in {split_dir})")
-    names = _check_classes(split, found, classes)
+    names = _check_classes(split, folders, classes)
     paths, labels = [], []
-    for d in class_dirs:
-        for f in sorted(d.iterdir()):
-            if _is_image(f):
-                paths.append(str(f))
-                labels.append(names.index(d.name))
+    for c in folders:
+        paths += images[c]
+        labels += [names.index(c)] * len(images[c])
     return SplitIndex(split, names, paths, labels)
 
 
@@ -115,26 +120,29 @@ def _check_classes(split: str, found: list[str], expected: list[str] | None) -> 
     return list(expected)
 
 
-def _scan_parquet(split: str, files: list[Path], classes: list[str] | None) -> SplitIndex:
+def _scan_parquet(split: str, files: list[str], classes: list[str] | None) -> SplitIndex:
     import pyarrow.parquet as pq
 
     paths, names = [], []
     for f in files:
-        cols = pq.read_schema(f).names
+        fs, path = storage.filesystem(f)
+        try:
+            cols = pq.read_schema(path, filesystem=fs).names
+        except Exception as exc:
+            raise DataError(f"{f}: not a readable Parquet file: {exc}") from exc
         need = [c for c in ("image", "path") if c not in cols]
         if need:
             raise DataError(f"{f}: Parquet file lacks column(s) {need}; has {cols}")
-        table = pq.read_table(f, columns=[c for c in ("path", "label") if c in cols])
+        table = pq.read_table(path, columns=[c for c in ("path", "label") if c in cols], filesystem=fs)
         paths += table.column("path").to_pylist()
         names += table.column("label").to_pylist() if "label" in cols else [None] * table.num_rows
     if not paths:
         raise DataError(f"split {split!r} is empty: Parquet file(s) {[str(f) for f in files]} have no rows")
     if names[0] is None:
-        return SplitIndex(split, list(classes or []), paths, [UNLABELLED] * len(paths),
-                          [str(f) for f in files])
+        return SplitIndex(split, list(classes or []), paths, [UNLABELLED] * len(paths), files)
     class_names = _check_classes(split, sorted(set(names)), classes)
     labels = [class_names.index(n) for n in names]
-    return SplitIndex(split, class_names, paths, labels, [str(f) for f in files])
+    return SplitIndex(split, class_names, paths, labels, files)
 
 
 def subsample(index: SplitIndex, per_class: int, seed: int) -> SplitIndex:
@@ -211,7 +219,7 @@ def _decode_batch(batch: dict, size: int) -> dict:
     images, errors = [], []
     for i, path in enumerate(batch["path"]):
         try:
-            data = batch["image"][i] if "image" in batch else Path(path).read_bytes()
+            data = batch["image"][i] if "image" in batch else storage.read_bytes(path)
             if not len(data):
                 raise ValueError("empty file (0 bytes)")
             images.append(decode_square(bytes(data), size))
@@ -383,33 +391,44 @@ def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor
 
 # ---- conversion -------------------------------------------------------------------
 def folder_to_parquet(src: str | Path, dst: str | Path, splits: tuple[str, ...] | None = None,
-                      rows_per_file: int = 5000) -> dict[str, int]:
-    """Write each split of an image folder as ``dst/<split>/part-*.parquet`` (bytes kept as-is)."""
+                      rows_per_file: int = 5000, threads: int = 16) -> dict[str, int]:
+    """Write each split of an image folder as ``dst/<split>/part-*.parquet`` (bytes kept as-is).
+
+    ``src`` and ``dst`` are local folders or URIs; files are read by ``threads`` threads. Every split
+    is indexed before anything is written, and an existing Parquet split in ``dst`` is an error
+    (never overwritten or deleted)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    src, dst = Path(src), Path(dst)
-    if not src.is_dir():
+    src, dst = (str(p) if storage.is_uri(p) else str(Path(p)) for p in (src, dst))
+    if not storage.is_dir(src):
         raise DataError(f"source folder does not exist: {src}")
-    names = splits or tuple(sorted(p.name for p in src.iterdir() if p.is_dir()))
+    names = splits or tuple(n for n, is_dir in storage.list_dir(src) if is_dir and not n.startswith("."))
     if not names:
         raise DataError(f"no split folders in {src}")
+    first = scan_split(src, names[0])
+    indexes = [first] + [scan_split(src, s, classes=first.classes if _labelled(src, s) else None) for s in names[1:]]
+    taken = [s for s in names if _parquet_files(dst, s)]
+    if taken:
+        raise DataError(f"{dst} already holds Parquet split(s) {taken}: choose an empty destination")
+    prefix = src.rstrip("/") + "/"
     counts = {}
-    classes = scan_split(src, names[0]).classes if (src / names[0]).is_dir() else None
-    for split in names:
-        index = scan_split(src, split, classes=classes if split != names[0] and _labelled(src, split) else None)
-        out = dst / split
-        out.mkdir(parents=True, exist_ok=True)
-        for part, start in enumerate(range(0, len(index), rows_per_file)):
-            sl = slice(start, start + rows_per_file)
-            rows = {"image": [Path(p).read_bytes() for p in index.paths[sl]],
-                    "path": [str(Path(p).relative_to(src)) for p in index.paths[sl]]}
-            if index.labelled:
-                rows["label"] = [index.classes[y] for y in index.labels[sl]]
-            pq.write_table(pa.table(rows), out / f"part-{part:05d}.parquet")
-        counts[split] = len(index)
+    with ThreadPoolExecutor(threads) as pool:
+        for split, index in zip(names, indexes):
+            for part, start in enumerate(range(0, len(index), rows_per_file)):
+                chunk = slice(start, start + rows_per_file)
+                rows = {"image": list(pool.map(storage.read_bytes, index.paths[chunk])),
+                        "path": [p.removeprefix(prefix) for p in index.paths[chunk]]}
+                if index.labelled:
+                    rows["label"] = [index.classes[y] for y in index.labels[chunk]]
+                target = join(dst, split, f"part-{part:05d}.parquet")
+                fs, path = storage.filesystem(target)
+                if not storage.is_uri(target):
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                pq.write_table(pa.table(rows), path, filesystem=fs)
+            counts[split] = len(index)
     return counts
 
 
-def _labelled(root: Path, split: str) -> bool:
-    return not (root / split / "imgs").is_dir()
+def _labelled(root: str, split: str) -> bool:
+    return not storage.is_dir(join(root, split, "imgs"))

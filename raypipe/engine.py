@@ -474,25 +474,13 @@ def save_model_file(path: Path, kind: str, state_dict: dict, cfg: Config, extra:
     return path
 
 
-def local_copy(uri: str) -> Path:
-    """A storage URI (s3://, gs://, ...) -> a local temporary copy; local paths pass through."""
-    if "://" not in str(uri):
-        return Path(uri)
-    import pyarrow.fs as pafs
-
-    try:
-        fs, remote = pafs.FileSystem.from_uri(str(uri))
-        local = Path(tempfile.mkdtemp(prefix="raypipe-model-")) / Path(remote).name
-        with fs.open_input_stream(remote) as src, open(local, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    except Exception as exc:
-        raise CheckpointError(f"model file not found or unreadable: {uri}: {exc}") from exc
-    return local
-
-
 def load_model_file(path: str | Path, kind: str | None = None) -> dict:
     """Read an exported model (local path or storage URI), checking format, version and kind."""
-    path = local_copy(str(path))
+    from . import storage
+    try:
+        path = storage.local_file(str(path))
+    except (FileNotFoundError, storage.StorageError) as exc:
+        raise CheckpointError(f"model file not found or unreadable: {exc}") from exc
     if not path.is_file():
         raise CheckpointError(f"model file not found: {path}")
     try:
@@ -512,6 +500,11 @@ def load_model_file(path: str | Path, kind: str | None = None) -> dict:
 # ---- Ray and data on the driver --------------------------------------------------------
 # RAY_IGNORE_UNHANDLED_ERRORS: Ray Data's stats actor raises a harmless KeyError when a dataset
 # of a stopped trial reports late (fire-and-forget calls, never awaited); hide those tracebacks.
+# Where S3-compatible storage is and its region: handed to the job's workers (credentials are not:
+# nodes get them from their instance profile or their own environment).
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+# Deprecations Ray raises about its own internals, in whichever process builds a trainer.
+RAY_INTERNAL_WARNINGS = ("`ExecutionOptions.exclude_resources` is deprecated", "The given NumPy array is not writable")
 QUIET_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0",
              "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0", "RAY_IGNORE_UNHANDLED_ERRORS": "1"}
 
@@ -533,9 +526,11 @@ def ensure_ray(**init_kwargs) -> None:
     if not ray.is_initialized():
         runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
         job_env = {**{k: os.environ[k] for k in QUIET_ENV}, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-                   VERBOSE_ENV: "1" if verbose() else "0"}
+                   VERBOSE_ENV: "1" if verbose() else "0", **{k: os.environ[k] for k in STORAGE_ENV if k in os.environ}}
         if not verbose():
             job_env.setdefault("RAY_DATA_LOG_LEVEL", os.environ.get("RAY_DATA_LOG_LEVEL", "ERROR"))
+            job_env["PYTHONWARNINGS"] = ",".join([*filter(None, [os.environ.get("PYTHONWARNINGS")]),
+                                                  *(f"ignore:{m}" for m in RAY_INTERNAL_WARNINGS)])
         if "address" not in init_kwargs and not os.environ.get("RAY_ADDRESS"):
             job_env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"  # one local node: nothing to preempt
         # No worker_process_setup_hook here: with one, Ray Data's task workers are not reused and a
@@ -557,9 +552,9 @@ def hide_internal_deprecations() -> None:
     import warnings
 
     if not verbose():
-        warnings.filterwarnings("ignore", message="`ExecutionOptions.exclude_resources` is deprecated")
-        # Ray Data hands read-only NumPy views to torch.as_tensor; the batch is copied to the device anyway
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        # the second: Ray Data hands read-only NumPy views to torch.as_tensor; the batch is copied anyway
+        for message in RAY_INTERNAL_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
 
 
 def quiet_ray_data() -> None:

@@ -10,17 +10,20 @@ Stages (each skipped on a re-run once finished, restored with ``Tuner.restore`` 
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from . import engine, progress
+from . import engine, progress, storage
 from .cli import parse_args as overrides_anywhere
 from .config import Config, ConfigError, load_config, set_verbose, verbose
 from .data import scan_dataset
+from .storage import Outputs, join
 
 TEACHER_METRIC, STUDENT_METRIC = "knn_top1", "val_top1"
 SMOKE = [  # tiny trials on demo data: the whole job in a few minutes on 2 cores
@@ -40,28 +43,6 @@ LAPTOP = [  # no --data/--config: a demo-sized search that fits a laptop CPU (ab
 ]
 SMOKE_DEMO = {"train": 16, "val": 8, "test": 8}
 DEMO = {"train": 50, "val": 20, "test": 20}
-
-
-# ---- storage helpers -------------------------------------------------------------------
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts]) if is_uri(root) else str(Path(root, *parts).resolve())
-
-
-def upload(local: Path, uri: str) -> None:
-    """Copy a local file or folder to a storage URI (no-op for a local destination that matches)."""
-    if not is_uri(uri):
-        return
-    import pyarrow.fs as pafs
-    fs, path = pafs.FileSystem.from_uri(uri)
-    if local.is_dir():
-        pafs.copy_files(str(local), path, destination_filesystem=fs)
-    else:
-        with open(local, "rb") as src, fs.open_output_stream(path) as dst:
-            dst.write(src.read())
 
 
 # ---- search spaces -------------------------------------------------------------------
@@ -151,31 +132,42 @@ def trial_concurrency(cfg: Config) -> int:
 
 
 # ---- trial drivers (one per Tune trial; each builds a TorchTrainer) ------------------
-def _trial_paths(ctx: dict) -> tuple[Path, str]:
+def _trial_location(ctx: dict) -> str:
+    """The trial's folder in storage: its Train run (checkpoints) and its outputs. Named after the
+    trial id, no timestamp: a retried or restored trial resumes its Train run."""
     from ray import tune
-    tc = tune.get_context()
-    # Named after the trial id, no timestamp: a retried or restored trial resumes its Train run.
-    return Path(tc.get_trial_dir()), join(ctx["storage"], f"{ctx['stage']}_runs", tc.get_trial_id())
+    return join(ctx["storage"], f"{ctx['stage']}_runs", tune.get_context().get_trial_id())
+
+
+def publish_trial(run_dir: Path, location: str) -> None:
+    """The trial's outputs (metrics.csv, TensorBoard, data report...) to its storage folder; its
+    model file is dropped (the stage exports the models it keeps from their checkpoints)."""
+    for model_file in run_dir.glob("*.pt"):
+        model_file.unlink()
+    storage.upload(run_dir, location)
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def teacher_trial(config: dict, ctx: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .teacher import pretrain
-    run_dir, storage = _trial_paths(ctx)
-    pretrain(Config.from_dict(config), run_dir=run_dir, callbacks=[TuneReportCallback()], storage_path=storage,
+    location, run_dir = _trial_location(ctx), Path(tempfile.mkdtemp(prefix="raypipe-trial-"))
+    pretrain(Config.from_dict(config), run_dir=run_dir, callbacks=[TuneReportCallback()], storage_path=location,
              print_epochs=verbose())
+    publish_trial(run_dir, location)
 
 
 def student_trial(config: dict, ctx: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .student import train_student
-    run_dir, storage = _trial_paths(ctx)
+    location, run_dir = _trial_location(ctx), Path(tempfile.mkdtemp(prefix="raypipe-trial-"))
     cfg = Config.from_dict(config)
     teacher = ctx.get("teacher") if cfg.student.mode != "supervised" else None
-    train_student(cfg, teacher, run_dir=run_dir, callbacks=[TuneReportCallback()], storage_path=storage,
+    train_student(cfg, teacher, run_dir=run_dir, callbacks=[TuneReportCallback()], storage_path=location,
                   print_epochs=verbose())
+    publish_trial(run_dir, location)
 
 
 def final_trial(config: dict, ctx: dict) -> None:
@@ -194,6 +186,8 @@ def run_tune_stage(stage: str, trainable, ctx: dict, cfg: Config, space: dict | 
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose() else optuna.logging.WARNING)
+    # Tune's new output engine prints its experiment header even at verbose=0; the legacy one does not
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if verbose() else "0"
     path = join(ctx["storage"], stage)
     fn = tune.with_resources(tune.with_parameters(trainable, ctx=ctx), {"CPU": cfg.tune.driver_cpus})
     params = list(space or {})
@@ -219,6 +213,7 @@ def run_tune_stage(stage: str, trainable, ctx: dict, cfg: Config, space: dict | 
         tuner = tune.Tuner(fn, param_space=param, tune_config=tune_config,
                            run_config=tune.RunConfig(name=stage, storage_path=ctx["storage"],
                                                      failure_config=tune.FailureConfig(max_failures=1),
+                                                     sync_config=tune.SyncConfig(sync_period=cfg.tune.sync_period),
                                                      verbose=1 if loud else 0,
                                                      callbacks=[] if loud else [progress.TrialProgress(stage, params)]))
     grid_result = tuner.fit()
@@ -250,16 +245,6 @@ def _latest_state(train_storage: str) -> dict:
     return engine.final_state(result)
 
 
-def stage_record(exp_dir: Path, stage: str) -> dict | None:
-    path = exp_dir / f"{stage}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def save_stage(exp_dir: Path, stage: str, record: dict) -> dict:
-    (exp_dir / f"{stage}.json").write_text(json.dumps(record, indent=2, default=str))
-    return record
-
-
 def _trial_summary(grid, metric: str) -> list[dict]:
     rows = []
     for r in grid:
@@ -270,10 +255,10 @@ def _trial_summary(grid, metric: str) -> list[dict]:
     return rows
 
 
-def stage1(cfg: Config, ctx: dict, exp_dir: Path, n_train: int, classes: list[str]) -> dict:
+def stage1(cfg: Config, ctx: dict, out: Outputs, n_train: int, classes: list[str]) -> dict:
     from .teacher import export_teacher
 
-    record = stage_record(exp_dir, "stage1_teacher")
+    record = out.read_record("stage1_teacher")
     if record:
         print(f"[stage1_teacher] done before: best {TEACHER_METRIC} {record['best_metric']:.2f}", flush=True)
         return record
@@ -283,17 +268,16 @@ def stage1(cfg: Config, ctx: dict, exp_dir: Path, n_train: int, classes: list[st
     best, value = best_trial(grid, TEACHER_METRIC)
     best_cfg = Config.from_dict(best.config)
     state = _latest_state(join(ctx["storage"], "stage1_teacher_runs", best.metrics["trial_id"]))
-    teacher_file = export_teacher(best_cfg, state, exp_dir / "best_teacher.pt", classes)
-    upload(teacher_file, join(ctx["storage"], "best_teacher.pt"))
+    export_teacher(best_cfg, state, out.local("best_teacher.pt"), classes)
     params = {k: best.config[k.split(".")[0]][k.split(".")[1]] for k in space}
-    return save_stage(exp_dir, "stage1_teacher", {
+    return out.write_record("stage1_teacher", {
         "best_metric": value, "metric": TEACHER_METRIC, "best_params": params, "paper_point": point,
-        "best_config": best_cfg.to_dict(), "teacher": join(ctx["storage"], "best_teacher.pt")
-        if is_uri(ctx["storage"]) else str(teacher_file), "trials": _trial_summary(grid, TEACHER_METRIC)})
+        "best_config": best_cfg.to_dict(), "teacher": out.publish("best_teacher.pt"),
+        "trials": _trial_summary(grid, TEACHER_METRIC)})
 
 
-def stage2(cfg: Config, ctx: dict, exp_dir: Path, s1: dict) -> dict:
-    record = stage_record(exp_dir, "stage2_student")
+def stage2(cfg: Config, ctx: dict, out: Outputs, s1: dict) -> dict:
+    record = out.read_record("stage2_student")
     if record:
         print(f"[stage2_student] done before: best {STUDENT_METRIC} {record['best_metric']:.2f}", flush=True)
         return record
@@ -305,7 +289,7 @@ def stage2(cfg: Config, ctx: dict, exp_dir: Path, s1: dict) -> dict:
                           max_t=cfg.tune.asha_max_t or base.student.epochs)
     best, value = best_trial(grid, STUDENT_METRIC)
     params = {k: best.config[k.split(".")[0]][k.split(".")[1]] for k in space}
-    return save_stage(exp_dir, "stage2_student", {
+    return out.write_record("stage2_student", {
         "best_metric": value, "metric": STUDENT_METRIC, "best_params": params, "paper_point": point,
         "best_config": Config.from_dict(best.config).to_dict(), "trials": _trial_summary(grid, STUDENT_METRIC)})
 
@@ -329,16 +313,16 @@ def final_members(cfg: Config, s1: dict, s2: dict, teacher: str) -> dict[str, di
     return members
 
 
-def stage3(cfg: Config, ctx: dict, exp_dir: Path, s1: dict, s2: dict, classes: list[str]) -> dict:
+def stage3(cfg: Config, ctx: dict, out: Outputs, s1: dict, s2: dict, classes: list[str]) -> dict:
     from .student import export_student
 
-    record = stage_record(exp_dir, "stage3_final")
+    record = out.read_record("stage3_final")
     if record:
         print("[stage3_final] done before", flush=True)
         return record
     teacher = s1["teacher"]
     if cfg.tune.retrain_teacher_epochs:
-        teacher = retrain_teacher(cfg, ctx, exp_dir, s1, classes)
+        teacher = retrain_teacher(cfg, out, s1)
     members = final_members(cfg, s1, s2, teacher)
     for name, m in members.items():
         backbone = m["config"]["student"]["backbone"]
@@ -353,32 +337,32 @@ def stage3(cfg: Config, ctx: dict, exp_dir: Path, s1: dict, s2: dict, classes: l
         if result.error:
             raise RuntimeError(f"[stage3_final] {name} failed: {result.error}")
         state = _latest_state(join(ctx["storage"], "stage3_final_runs", result.metrics["trial_id"]))
-        path = export_student(Config.from_dict(members[name]["config"]), state, exp_dir / f"{name}.pt", classes,
-                              members[name].get("teacher"))
-        upload(path, join(ctx["storage"], f"{name}.pt"))
-        models[name] = join(ctx["storage"], f"{name}.pt") if is_uri(ctx["storage"]) else str(path)
-    return save_stage(exp_dir, "stage3_final", {"models": models, "teacher": teacher})
+        export_student(Config.from_dict(members[name]["config"]), state, out.local(f"{name}.pt"), classes,
+                       members[name].get("teacher"))
+        models[name] = out.publish(f"{name}.pt")
+    return out.write_record("stage3_final", {"models": models, "teacher": teacher})
 
 
-def retrain_teacher(cfg: Config, ctx: dict, exp_dir: Path, s1: dict, classes: list[str]) -> str:
+def retrain_teacher(cfg: Config, out: Outputs, s1: dict) -> str:
     """Stage 3 option: retrain the best teacher config for longer (a plain Train run)."""
     from .teacher import pretrain
 
     best = Config.from_dict(s1["best_config"]).with_overrides(
         {"teacher.epochs": cfg.tune.retrain_teacher_epochs, "name": "teacher_long"})
-    final = pretrain(best, run_dir=exp_dir / "teacher_long", storage_path=join(ctx["storage"], "teacher_long"))
-    upload(Path(final["teacher"]), join(ctx["storage"], "teacher_long.pt"))
-    return join(ctx["storage"], "teacher_long.pt") if is_uri(ctx["storage"]) else final["teacher"]
+    final = pretrain(best, run_dir=out.local("teacher_long", "teacher.pt").parent,
+                     storage_path=out.path("teacher_long"))
+    out.publish("teacher_long")
+    return out.path("teacher_long", Path(final["teacher"]).name)
 
 
 # ---- test evaluation and summary -------------------------------------------------------
-def evaluate_all(cfg: Config, exp_dir: Path, s1: dict, s3: dict) -> dict:
+def evaluate_all(cfg: Config, out: Outputs, s1: dict, s3: dict) -> dict:
     """The paper-shaped table on the test split (each evaluation a Ray task, GPU when present)."""
     import ray
 
     from .evaluate import evaluate_models, probe_teacher, write_eval_outputs
 
-    record = stage_record(exp_dir, "evaluation")
+    record = out.read_record("evaluation")
     if record:
         return record
     gpus = cfg.tune.eval_gpus or (1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0)
@@ -398,7 +382,8 @@ def evaluate_all(cfg: Config, exp_dir: Path, s1: dict, s3: dict) -> dict:
     probe = pr.remote(data, s3["teacher"], splits=("val", "test"))
     results = {k: ray.get(v) for k, v in jobs.items()}
     for name, report in results.items():
-        write_eval_outputs(report, exp_dir / "eval" / name)
+        write_eval_outputs(report, out.local("eval", name))
+        out.publish("eval", name)
     probe_scores = ray.get(probe)
     rows = [
         ("supervised from scratch", results["supervised"]["top1"], m["supervised"]),
@@ -408,7 +393,7 @@ def evaluate_all(cfg: Config, exp_dir: Path, s1: dict, s3: dict) -> dict:
         ("+ 10-crop", results["distill_10crop"]["top1"], members[0]),
         (f"+ ensemble of {len(members)} (10-crop)", results["ensemble_10crop"]["top1"], ", ".join(members)),
     ]
-    return save_stage(exp_dir, "evaluation", {
+    return out.write_record("evaluation", {
         "table": [{"configuration": r[0], "test_top1": r[1], "model": r[2]} for r in rows],
         "n_test_images": results["supervised"]["n_images"], "linear_probe_val_top1": probe_scores["val_top1"]})
 
@@ -419,24 +404,21 @@ def render_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_summary(exp_dir: Path, cfg: Config, s1: dict, s2: dict, s3: dict, ev: dict, command: str,
-                  storage: str) -> dict:
+def write_summary(out: Outputs, cfg: Config, s1: dict, s2: dict, s3: dict, ev: dict, command: str) -> dict:
     summary = {
-        "experiment": cfg.tune.experiment, "command": command, "storage": storage,
+        "experiment": cfg.tune.experiment, "command": command, "storage": out.location,
         "stage1_teacher": {k: s1[k] for k in ("metric", "best_metric", "best_params", "paper_point", "teacher")},
         "stage2_student": {k: s2[k] for k in ("metric", "best_metric", "best_params", "paper_point")},
         "models": s3["models"], "table": ev["table"], "n_test_images": ev["n_test_images"],
     }
-    (exp_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    out.write_record("summary", summary)
     md = [f"# {cfg.tune.experiment}", "", f"Command: `{command}`", "",
           f"Test images: {ev['n_test_images']}", "", render_table(ev["table"]), "",
           "## Best parameters", "",
           f"- stage 1 (teacher, {s1['metric']} {s1['best_metric']:.2f}): {s1['best_params']}",
           f"- stage 2 (student, {s2['metric']} {s2['best_metric']:.2f}): {s2['best_params']}", "",
           "## Models", ""] + [f"- {k}: `{v}`" for k, v in {"teacher": s1["teacher"], **s3["models"]}.items()]
-    (exp_dir / "summary.md").write_text("\n".join(md) + "\n")
-    upload(exp_dir / "summary.json", join(storage, "summary.json"))
-    upload(exp_dir / "summary.md", join(storage, "summary.md"))
+    storage.write_text(out.path("summary.md"), "\n".join(md) + "\n")
     return summary
 
 
@@ -474,35 +456,39 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     set_verbose(args.verbose)
     command = "python experiments/tune_margin.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    cfg = build_config(args)  # every config error surfaces here, before Ray starts
-    storage = cfg.tune.storage if is_uri(cfg.tune.storage) else str(Path(cfg.tune.storage).resolve())
-    exp_storage = join(storage, cfg.tune.experiment)
-    local_root = Path(cfg.tune.storage) if not is_uri(cfg.tune.storage) else Path.home() / "raypipe_experiments"
-    exp_dir = (local_root / cfg.tune.experiment).resolve()
-    exp_dir.mkdir(parents=True, exist_ok=True)
+    cfg = build_config(args)  # every config and storage error surfaces here, before Ray starts
+    out = Outputs(join(storage.normalize(cfg.tune.storage), cfg.tune.experiment))
+    storage.check_writable(out.location)
     if not cfg.data.root:
-        from .demo import make_demo_data
-        demo = exp_dir / "demo_data"
-        if not (demo / "test").is_dir():
-            make_demo_data(demo, SMOKE_DEMO if args.smoke else DEMO, size=32 if args.smoke else 64)
-        cfg = cfg.with_overrides({"data.root": str(demo)})
+        cfg = cfg.with_overrides({"data.root": demo_data(out, args.smoke)})
     index = scan_dataset(cfg.data, ("train", "val", "test"))  # layout errors before Ray starts
     queue_candidates(cfg, len(index["train"]))
-    cfg.dump(exp_dir / "config.yaml")
+    cfg.dump(out.local("config.yaml"))
+    out.publish("config.yaml")
     started = time.time()
     engine.ensure_ray()
-    ctx = {"storage": exp_storage}
+    ctx = {"storage": out.location}
     classes = index["train"].classes
-    s1 = stage1(cfg, ctx, exp_dir, len(index["train"]), classes)
-    s2 = stage2(cfg, ctx, exp_dir, s1)
-    s3 = stage3(cfg, ctx, exp_dir, s1, s2, classes)
-    ev = evaluate_all(cfg, exp_dir, s1, s3)
-    summary = write_summary(exp_dir, cfg, s1, s2, s3, ev, command, exp_storage)
+    s1 = stage1(cfg, ctx, out, len(index["train"]), classes)
+    s2 = stage2(cfg, ctx, out, s1)
+    s3 = stage3(cfg, ctx, out, s1, s2, classes)
+    ev = evaluate_all(cfg, out, s1, s3)
+    summary = write_summary(out, cfg, s1, s2, s3, ev, command)
     print(f"\n{cfg.tune.experiment}: test top-1 on {ev['n_test_images']} images "
           f"({time.time() - started:.0f} s this run)\n{render_table(ev['table'])}\n"
           f"\nbest teacher params: {short(s1['best_params'])}\nbest student params: {short(s2['best_params'])}\n"
-          f"summary: {exp_dir / 'summary.md'}\ninspect: raypipe results {exp_dir}", flush=True)
+          f"summary: {out.path('summary.md')}\ninspect: raypipe results {out.location}", flush=True)
     return summary
+
+
+def demo_data(out: Outputs, smoke: bool) -> str:
+    """The embedded demo data set, generated once into the experiment's storage (so every node
+    of a cluster reads it from there); -> its location."""
+    if not storage.is_dir(out.path("demo_data", "test")):
+        from .demo import make_demo_data
+        make_demo_data(out.local("demo_data"), SMOKE_DEMO if smoke else DEMO, size=32 if smoke else 64)
+        out.publish("demo_data")
+    return out.path("demo_data")
 
 
 def short(params: dict) -> str:

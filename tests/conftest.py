@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,9 +34,52 @@ def tiny_data(tmp_path_factory) -> Path:
     return root
 
 
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray for the whole session, 2 CPUs, dashboard on (Tune's early-stop cleanup needs it)."""
+def s3_server():
+    """A real S3-compatible server (moto) on 127.0.0.1, reached like AWS through the standard
+    environment variables (AWS_ENDPOINT_URL...); -> a fresh bucket's URI. Stopped at the end."""
+    pytest.importorskip("moto", reason="the S3 tests need the test extra: pip install -e '.[test]'")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "moto server did not start"
+                time.sleep(0.2)
+        import pyarrow.fs as pafs
+        fs, _ = pafs.FileSystem.from_uri("s3://raypipe-test?allow_bucket_creation=true")
+        fs.create_dir("raypipe-test")
+        yield "s3://raypipe-test"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One local Ray for the whole session, 2 CPUs, dashboard on (Tune's early-stop cleanup needs it).
+    Started after the S3 server, so its workers get the S3 endpoint and credentials."""
     import ray
     from raypipe.engine import ensure_ray
     # workers import helpers defined in test modules (e.g. a custom train loop) from tests/

@@ -222,3 +222,44 @@ def test_parquet_source_through_ray(ray_cluster, tiny_data, tmp_path):
     rows = decoded.dataset.take_all()
     assert decoded.count == 12 and sorted(r["label"] for r in rows) == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
     assert rows[0]["img"].shape == (20, 20, 3)
+
+
+def test_folder_and_parquet_on_s3_index_like_local(s3_server, tiny_data, tmp_path):
+    """Image folders and Parquet in object storage, through the same code as local paths."""
+    from raypipe import storage
+    folder_uri = storage.upload(tiny_data, f"{s3_server}/data/tiny")
+    pq_uri = f"{s3_server}/data/tiny_parquet"
+    assert D.folder_to_parquet(folder_uri, pq_uri) == {"test": 32, "train": 64, "val": 32}
+    local = D.scan_split(tiny_data, "train")
+    for root in (folder_uri, pq_uri):
+        remote = D.scan_split(root, "train")
+        assert remote.classes == local.classes
+        assert sorted(zip(remote.labels, [p.rsplit("/", 1)[-1] for p in remote.paths])) == \
+            sorted(zip(local.labels, [Path(p).name for p in local.paths]))
+    assert D.scan_split(folder_uri, "train").paths[0].startswith(folder_uri + "/train/circle/")
+    assert D.scan_split(pq_uri, "val").parquet_files[0] == f"{pq_uri}/val/part-00000.parquet"
+    assert not Path("s3:").exists() and not (tmp_path / "s3:").exists()   # no URI taken for a local path
+    # converting into a destination that holds Parquet already: refused, nothing touched
+    before = storage.read_bytes(f"{pq_uri}/val/part-00000.parquet")
+    with pytest.raises(D.DataError, match=r"already holds Parquet split\(s\) \['test', 'train', 'val'\]"):
+        D.folder_to_parquet(folder_uri, pq_uri)
+    assert storage.read_bytes(f"{pq_uri}/val/part-00000.parquet") == before
+    with pytest.raises(D.DataError, match=f"data root does not exist: {s3_server}/data/nothing"):
+        D.scan_split(f"{s3_server}/data/nothing", "train")
+    with pytest.raises(D.DataError, match="s3://no-such-bucket-raypipe/x \\(bucket 'no-such-bucket-raypipe' does not"):
+        D.scan_split("s3://no-such-bucket-raypipe/x", "train")
+
+
+def test_ray_decodes_from_s3_and_reports_bad_objects_by_uri(ray_cluster, s3_server, tiny_data):
+    from raypipe import storage
+    root = storage.upload(tiny_data, f"{s3_server}/data/mixed")
+    storage.write_bytes(f"{root}/train/circle/zero.jpg", b"")
+    cfg = load_config(overrides=[f"data.root={root}", "data.resolution=16", "data.decode_size=20"]).data
+    decoded = D.decode_split(D.scan_dataset(cfg, ("train",))["train"], cfg)
+    assert decoded.count == 64 and [s["path"] for s in decoded.skipped] == [f"{root}/train/circle/zero.jpg"]
+    pq = f"{s3_server}/data/mixed_parquet"
+    D.folder_to_parquet(root, pq, splits=("val",))
+    val = D.decode_split(D.scan_split(pq, "val"), cfg)
+    assert val.count == 32 and not val.skipped
+    assert sorted(r["label"] for r in val.dataset.select_columns(["label"]).take_all()) == sorted(
+        D.scan_split(tiny_data, "val").labels)
