@@ -9,7 +9,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import tempfile
 import threading
@@ -158,11 +157,12 @@ class Loop:
     resume and the per-epoch report/checkpoint. A phase only writes its own step."""
 
     def __init__(self, model: nn.Module, opt: OptimConfig, cfg: Config, rt: Runtime, n_train: int,
-                 local_checkpoint_dir: str | None = None, print_epochs: bool = True):
+                 local_checkpoint_dir: str | None = None, print_epochs: bool = True, outputs: str | None = None):
         import ray.train
 
         self.model, self.opt, self.cfg, self.rt = model, opt, cfg, rt
         self.print_epochs = print_epochs  # off under Tune: its callback prints the epoch line
+        self.log = EpochLog(outputs) if outputs and rt.is_main else None
         self.local_checkpoint_dir = local_checkpoint_dir
         resume = load_resume_state()
         if resume:
@@ -210,6 +210,8 @@ class Loop:
                      "rng": dist.all_gather_objects(rng_state()), "world_size": rt.world_size}
         if rt.is_main and self.print_epochs:
             print_epoch(phase, metrics, print_keys)
+        if self.log:
+            self.log.write(phase, self.history)
         report_epoch(metrics, state, rt, self.local_checkpoint_dir)
 
 
@@ -351,10 +353,49 @@ def eval_rows_mask(idx: torch.Tensor, rt: Runtime) -> torch.Tensor:
 
 # ---- on the driver -----------------------------------------------------------------
 def resolve_use_gpu(res: ResourcesConfig) -> bool:
+    """``auto``: GPUs when the cluster has (or, autoscaling, can launch) GPU nodes."""
     if res.use_gpu != "auto":
         return res.use_gpu == "true"
+    return cluster_resources().get("GPU", 0) > 0
+
+
+def cluster_resources() -> dict:
+    """The cluster's resources; on an autoscaling cluster (RAYPIPE_AUTOSCALING=1) with the
+    launcher's config on the head, what it can grow to (a cold cluster has no GPU node yet)."""
     import ray
-    return ray.cluster_resources().get("GPU", 0) > 0
+
+    capacity = autoscaler_capacity() if os.environ.get("RAYPIPE_AUTOSCALING") == "1" else None
+    return capacity or ray.cluster_resources()
+
+
+CLUSTER_CONFIG_ENV = "RAYPIPE_CLUSTER_CONFIG"
+
+
+def autoscaler_capacity(path: str | None = None) -> dict | None:
+    """The resources an autoscaling cluster can grow to, read from the cluster launcher's config
+    that ``ray up`` leaves on the head (``~/ray_bootstrap_config.yaml``; or $RAYPIPE_CLUSTER_CONFIG):
+    the head plus each worker type at its ``max_workers``, at most the global ``max_workers``
+    nodes in all, GPU types first. None when there is no such file."""
+    import yaml
+
+    path = Path(path or os.environ.get(CLUSTER_CONFIG_ENV) or Path.home() / "ray_bootstrap_config.yaml")
+    if not path.is_file():
+        return None
+    cluster = yaml.safe_load(path.read_text())
+    types = cluster.get("available_node_types") or {}
+    head = types.get(cluster.get("head_node_type"), {})
+    total = {k: float(v) for k, v in head.get("resources", {}).items()}
+    nodes_left = cluster.get("max_workers", 0)
+    workers = sorted((t for name, t in types.items() if name != cluster.get("head_node_type")),
+                     key=lambda t: -t.get("resources", {}).get("GPU", 0))
+    for t in workers:
+        n = min(t.get("max_workers", 0), nodes_left)
+        nodes_left -= n
+        for k, v in t.get("resources", {}).items():
+            total[k] = total.get(k, 0.0) + n * v
+    return total
+
+
 
 
 def check_cluster_can_fit(res: ResourcesConfig, use_gpu: bool) -> None:
@@ -436,31 +477,52 @@ def final_state(result) -> dict:
         return load_state_file(Path(folder) / STATE_FILE)
 
 
-def write_run_outputs(run_dir: Path, history: list[dict], final: dict, phase: str) -> None:
-    """metrics.csv, TensorBoard events and metrics.json in the run folder."""
-    import pandas as pd
+class EpochLog:
+    """``metrics.csv`` and TensorBoard events of a run, written by rank 0 after every epoch to the
+    run's outputs location (a local folder or a URI), so they exist while the run goes, survive an
+    early stop and outlive the node. A resumed run starts a new event file next to the old one."""
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(history).to_csv(run_dir / "metrics.csv", index=False)
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-        tb_dir = run_dir / "tensorboard"
-        shutil.rmtree(tb_dir, ignore_errors=True)
-        with SummaryWriter(str(tb_dir)) as writer:
-            for row in history:
-                for k, v in row.items():
-                    if isinstance(v, (int, float)) and k != "epoch" and v is not None and math.isfinite(v):
-                        writer.add_scalar(f"{phase}/{k}", v, row["epoch"])
-    except ImportError:  # tensorboard is a declared dependency; tolerate a trimmed install
-        pass
-    (run_dir / "metrics.json").write_text(json.dumps(final, indent=2, default=str))
+    def __init__(self, location: str):
+        from . import storage
+        self.out, self.writer = storage.Outputs(location), None
+
+    def write(self, phase: str, history: list[dict]) -> None:
+        import pandas as pd
+
+        pd.DataFrame(history).to_csv(self.out.local("metrics.csv"), index=False)
+        self.out.publish("metrics.csv")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is a declared dependency; tolerate a trimmed install
+            return
+        if self.writer is None:
+            self.writer = SummaryWriter(str(self.out.local("tensorboard", "events").parent))
+        row = history[-1]
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k != "epoch" and v is not None and math.isfinite(v):
+                self.writer.add_scalar(f"{phase}/{k}", v, row["epoch"])
+        self.writer.flush()
+        self.out.publish("tensorboard")
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path | None = None) -> Path:
+def write_run_outputs(run, final: dict) -> None:
+    """``metrics.json`` (the run's summary); metrics.csv and TensorBoard were written epoch by
+    epoch (EpochLog)."""
+    run.local("metrics.json").write_text(json.dumps(final, indent=2, default=str))
+    run.publish("metrics.json")
+
+
+def prepare_run(cfg: Config, run_dir: Path | None = None, outputs: str | None = None):
+    """The run's ``storage.Outputs``: files are made in ``run_dir`` (default output_dir/name) and
+    published to ``outputs`` (a local folder or URI; default: run_dir itself); config.yaml first."""
+    from . import storage
+
     run_dir = Path(run_dir) if run_dir else Path(cfg.output_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.dump(run_dir / "config.yaml")
-    return run_dir
+    run = storage.Outputs(outputs or str(run_dir), scratch=run_dir)
+    cfg.dump(run.local("config.yaml"))
+    run.publish("config.yaml")
+    return run
 
 
 # ---- exported model files ------------------------------------------------------------
@@ -566,14 +628,15 @@ def quiet_ray_data() -> None:
     ctx.verbose_progress = False
 
 
-def write_data_report(run_dir: Path, decoded: dict) -> int:
+def write_data_report(run, decoded: dict) -> int:
     """``data_report.json``: images used and skipped (with paths and reasons) per split."""
     report = {name: {"images": d.count, "skipped": len(d.skipped), "skipped_files": d.skipped}
               for name, d in decoded.items()}
-    (run_dir / "data_report.json").write_text(json.dumps(report, indent=2))
+    run.local("data_report.json").write_text(json.dumps(report, indent=2))
+    where = run.publish("data_report.json")
     total = sum(len(d.skipped) for d in decoded.values())
     if total:
-        print(f"skipped {total} unreadable image(s); see {run_dir / 'data_report.json'}", flush=True)
+        print(f"skipped {total} unreadable image(s); see {where}", flush=True)
         for name, d in decoded.items():
             for item in d.skipped[:5]:
                 print(f"  [{name}] {item['path']}: {item['error']}", flush=True)

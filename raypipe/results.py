@@ -5,24 +5,25 @@ interrupted experiment, on the head node or on a copy fetched with ``ray rsync-d
 """
 from __future__ import annotations
 
-import json
 import math
+import tempfile
 from pathlib import Path
 
 import yaml
 
+from . import storage
 from .progress import role
+from .storage import Outputs, join
 
 STAGES = {"stage1_teacher": "knn_top1", "stage2_student": "val_top1", "stage3_final": "val_top1"}
 
 
-def load_stage(exp_dir: Path, stage: str, metric: str):
+def load_stage(exp: Outputs, stage: str, metric: str):
     """-> (leaderboard rows, searched parameter names, {trial_id: per-epoch DataFrame})."""
     from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(str(exp_dir / stage))
-    record_path = exp_dir / f"{stage}.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    analysis = ExperimentAnalysis(exp.path(stage))
+    record = exp.read_record(stage) or {}
     params = list(record.get("best_params", {})) or _varying_params(analysis)
     rows, curves = [], {}
     for trial in analysis.trials:
@@ -160,21 +161,25 @@ def plot_importances(path: Path, stage: str, rows: list[dict], params: list[str]
     return path
 
 
-def show_results(exp_dir: str | Path, out_dir: str | Path | None = None) -> dict:
-    exp_dir = Path(exp_dir).resolve()
-    if not exp_dir.is_dir():
-        raise FileNotFoundError(f"experiment folder not found: {exp_dir}")
-    if not any((exp_dir / stage).is_dir() for stage in STAGES):
-        raise FileNotFoundError(f"{exp_dir} is not a tune_margin experiment: none of {', '.join(STAGES)} is in it "
-                                f"(pass the folder that holds summary.md, e.g. runs/tune_margin)")
-    out_dir = Path(out_dir) if out_dir else exp_dir / "plots"
-    out_dir.mkdir(parents=True, exist_ok=True)
+def show_results(experiment: str | Path, out_dir: str | Path | None = None) -> dict:
+    """Print the leaderboards of an experiment (local folder or URI) and write its plots to
+    ``out_dir`` (a local folder or URI; default: the experiment's ``plots``)."""
+    exp = Outputs(str(experiment))
+    if not storage.is_dir(exp.location):
+        raise FileNotFoundError(f"experiment folder not found: {exp.location}{storage.missing_hint(exp.location)}")
+    started = [stage for stage in STAGES if storage.is_dir(exp.path(stage))]
+    if not started:
+        raise FileNotFoundError(f"{exp.location} is not a tune_margin experiment: none of {', '.join(STAGES)} is "
+                                f"in it (pass the folder that holds summary.md, e.g. runs/tune_margin)")
+    plots_at = storage.normalize(out_dir) if out_dir else exp.path("plots")
+    local_plots = Path(plots_at) if not storage.is_uri(plots_at) else Path(tempfile.mkdtemp(prefix="raypipe-plots-"))
+    local_plots.mkdir(parents=True, exist_ok=True)
     report = {}
     for stage, metric in STAGES.items():
-        if not (exp_dir / stage).is_dir():
+        if stage not in started:
             print(f"== {stage}: not started")
             continue
-        rows, params, curves, record = load_stage(exp_dir, stage, metric)
+        rows, params, curves, record = load_stage(exp, stage, metric)
         cols = ["trial", *(["final"] if stage == "stage3_final" else []), *params, "best", "last", "epochs", "status"]
         print(f"\n== {stage}: leaderboard by {metric} (best over epochs)")
         print(format_table(rows, cols))
@@ -185,10 +190,10 @@ def show_results(exp_dir: str | Path, out_dir: str | Path | None = None) -> dict
                 nested.setdefault(section, {})[key] = value
             print(f"\n-- best parameters ({stage}, {metric} {record['best_metric']:.2f}), YAML:\n"
                   + yaml.safe_dump(nested, sort_keys=False), end="")
-        plots = plot_stage(out_dir, stage, metric, rows, params, curves)
-        report[stage] = {"rows": rows, "params": params, "plots": [str(p) for p in plots]}
-    summary = exp_dir / "summary.md"
-    if summary.is_file():
-        print("\n" + summary.read_text())
-    print(f"plots: {out_dir}")
+        plots = plot_stage(local_plots, stage, metric, rows, params, curves)
+        report[stage] = {"rows": rows, "params": params, "plots": [join(plots_at, p.name) for p in plots]}
+    storage.upload(local_plots, plots_at)
+    if storage.is_file(exp.path("summary.md")):
+        print("\n" + storage.read_text(exp.path("summary.md")))
+    print(f"plots: {plots_at}")
     return report

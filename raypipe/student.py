@@ -91,7 +91,7 @@ def train_loop(loop_config: dict) -> None:
         if rt.channels_last:
             teacher.to(memory_format=torch.channels_last)
     loop = engine.Loop(student, s, cfg, rt, meta["n_train"], loop_config.get("local_checkpoint_dir"),
-                       print_epochs=meta.get("print_epochs", True))
+                       print_epochs=meta.get("print_epochs", True), outputs=meta.get("outputs"))
     for epoch in loop.epochs():
         student.train()
         if teacher is not None:
@@ -143,8 +143,10 @@ def export_student(cfg: Config, state: dict, path: Path, classes: list[str], tea
 
 
 def train_student(cfg: Config, teacher_path: str | Path | None = None, run_dir: Path | None = None,
-                  callbacks: list | None = None, storage_path: str | None = None, print_epochs: bool = True) -> dict:
-    """Phase 2 end to end: check teacher and data, train, export ``student.pt``."""
+                  callbacks: list | None = None, storage_path: str | None = None, print_epochs: bool = True,
+                  outputs: str | None = None) -> dict:
+    """Phase 2 end to end: check teacher and data, train, export ``student.pt``.
+    ``outputs``: where the run's files are published (local folder or URI; default: run_dir)."""
     import ray
 
     from .data import decode_split, with_view
@@ -154,16 +156,18 @@ def train_student(cfg: Config, teacher_path: str | Path | None = None, run_dir: 
     if payload is not None and payload.get("classes") and payload["classes"] != index["train"].classes:
         print(f"note: teacher was pre-trained on classes {payload['classes'][:5]}...; "
               f"student classes come from {cfg.data.root}", flush=True)
-    run_dir = engine.prepare_run_dir(cfg, run_dir)
+    run = engine.prepare_run(cfg, run_dir, outputs)
+    run_dir = run.scratch
     engine.preflight(cfg)  # cluster can host the workers: checked before data is read
     decoded = {s: decode_split(index[s], cfg.data) for s in ("train", "val")}
-    skipped = engine.write_data_report(run_dir, decoded)
+    skipped = engine.write_data_report(run, decoded)
     s = cfg.student
     datasets = {"train": with_view(decoded["train"], "supervised", cfg.data, shuffle=True,
                                    autoaugment=s.autoaugment, min_scale=s.crop_min_scale),
                 "val": with_view(decoded["val"], "eval", cfg.data)}
     classes = index["train"].classes
     meta = {"n_train": decoded["train"].count, "num_classes": len(classes), "print_epochs": print_epochs,
+            "outputs": run.location,
             "teacher_ref": ray.put(payload["state_dict"]) if payload is not None else None}
     result = engine.run_trainer(train_loop, cfg, {"cfg": cfg.to_dict(), "meta": meta}, datasets, run_dir,
                                 callbacks=callbacks, storage_path=storage_path)
@@ -173,7 +177,7 @@ def train_student(cfg: Config, teacher_path: str | Path | None = None, run_dir: 
     final = {"phase": s.mode, "epochs": len(history), **history[-1],
              "best_val_top1": max(h["val_top1"] for h in history), "model": str(model_path),
              "skipped_images": skipped, "n_train": decoded["train"].count, "checkpoint": result.checkpoint.path}
-    engine.write_run_outputs(run_dir, history, final, s.mode)
+    engine.write_run_outputs(run, final)
     return final
 
 

@@ -55,7 +55,7 @@ def train_loop(loop_config: dict) -> None:
     rt = engine.make_runtime(cfg.resources, t.seed)
     model = build_model(cfg, rt.world_size)
     loop = engine.Loop(model, t, cfg, rt, meta["n_train"], loop_config.get("local_checkpoint_dir"),
-                       print_epochs=meta.get("print_epochs", True))
+                       print_epochs=meta.get("print_epochs", True), outputs=meta.get("outputs"))
     for epoch in loop.epochs():
         model.train()
         speed = engine.Throughput()
@@ -87,8 +87,9 @@ def export_teacher(cfg: Config, state: dict, path: Path, classes: list[str]) -> 
 
 
 def pretrain(cfg: Config, run_dir: Path | None = None, callbacks: list | None = None,
-             storage_path: str | None = None, print_epochs: bool = True) -> dict:
-    """Phase 1 end to end: check data, decode it with Ray Data, train, export ``teacher.pt``."""
+             storage_path: str | None = None, print_epochs: bool = True, outputs: str | None = None) -> dict:
+    """Phase 1 end to end: check data, decode it with Ray Data, train, export ``teacher.pt``.
+    ``outputs``: where the run's files are published (local folder or URI; default: run_dir)."""
     from .data import decode_split, with_view
 
     index = scan_dataset(cfg.data, ("train", "val"))  # layout errors before any Ray resource
@@ -99,10 +100,11 @@ def pretrain(cfg: Config, run_dir: Path | None = None, callbacks: list | None = 
         hint = f"use at most {fit}" if fit else f"the global batch {global_batch} alone exceeds the data"
         raise ConfigError(f"teacher.queue_size={t.queue_size} exceeds the {n_images} training images "
                           f"(the queue would hold stale duplicate keys); {hint}")
-    run_dir = engine.prepare_run_dir(cfg, run_dir)
+    run = engine.prepare_run(cfg, run_dir, outputs)
+    run_dir = run.scratch
     engine.preflight(cfg)  # cluster can host the workers: checked before data is read
     decoded = {s: decode_split(index[s], cfg.data) for s in ("train", "val")}
-    skipped = engine.write_data_report(run_dir, decoded)
+    skipped = engine.write_data_report(run, decoded)
     n_train = decoded["train"].count
     if n_train < global_batch:
         raise ConfigError(f"only {n_train} decodable training images: fewer than one global batch "
@@ -110,7 +112,8 @@ def pretrain(cfg: Config, run_dir: Path | None = None, callbacks: list | None = 
     datasets = {"train": with_view(decoded["train"], "moco", cfg.data, shuffle=True),
                 "bank": with_view(decoded["train"], "eval", cfg.data),
                 "val": with_view(decoded["val"], "eval", cfg.data)}
-    meta = {"n_train": n_train, "num_classes": len(index["train"].classes), "print_epochs": print_epochs}
+    meta = {"n_train": n_train, "num_classes": len(index["train"].classes), "print_epochs": print_epochs,
+            "outputs": run.location}
     result = engine.run_trainer(train_loop, cfg, {"cfg": cfg.to_dict(), "meta": meta}, datasets, run_dir,
                                 callbacks=callbacks, storage_path=storage_path)
     state = engine.final_state(result)
@@ -120,5 +123,5 @@ def pretrain(cfg: Config, run_dir: Path | None = None, callbacks: list | None = 
              "best_knn_top1": max((h.get("knn_top1", 0.0) for h in history), default=0.0),
              "teacher": str(teacher_path), "skipped_images": skipped, "n_train": n_train,
              "checkpoint": result.checkpoint.path}
-    engine.write_run_outputs(run_dir, history, final, "pretrain")
+    engine.write_run_outputs(run, final)
     return final

@@ -116,22 +116,38 @@ def flat_point(point: dict) -> dict:
     return {k.replace(".", "/"): v for k, v in point.items()}
 
 
-def trial_concurrency(cfg: Config) -> int:
-    """Trials that can run at once without their drivers starving their own trainers."""
-    import ray
-
+def trial_concurrency(cfg: Config, total: dict | None = None) -> int:
+    """Trials that can run at once without their drivers starving their own trainers: from what
+    an autoscaling cluster can grow to (RAYPIPE_AUTOSCALING=1 and the launcher's config on the
+    head), else from the resources the cluster has now."""
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
-    res, total = cfg.resources, ray.cluster_resources()
+    total = engine.cluster_resources() if total is None else total
+    res = cfg.resources
     workers = max(1, res.num_workers)
     cpu_need = workers * res.cpus_per_worker + cfg.tune.driver_cpus + cfg.data.cpus_per_task
     by_cpu = int(total.get("CPU", 0) // cpu_need)
-    if engine.resolve_use_gpu(res):
+    if res.use_gpu == "true" or (res.use_gpu == "auto" and total.get("GPU", 0) > 0):
         by_cpu = min(by_cpu, int(total.get("GPU", 0) // max(1e-9, workers * res.gpus_per_worker)))
     return max(1, by_cpu)
 
 
 # ---- trial drivers (one per Tune trial; each builds a TorchTrainer) ------------------
+DRIVER_RESOURCE = "raypipe_driver"
+
+
+def driver_resources(cfg: Config) -> dict:
+    """What each trial driver asks: a little CPU and, where some node type carries the custom
+    resource ``raypipe_driver`` (the head in cluster.yaml), a place there, so drivers never land on
+    preemptible GPU nodes that the autoscaler may take away (Ray's Train + Tune guide)."""
+    import ray
+
+    res = {"CPU": cfg.tune.driver_cpus}
+    if ray.cluster_resources().get(DRIVER_RESOURCE, 0) > 0:
+        res[DRIVER_RESOURCE] = 0.001
+    return res
+
+
 def _trial_location(ctx: dict) -> str:
     """The trial's folder in storage: its Train run (checkpoints) and its outputs. Named after the
     trial id, no timestamp: a retried or restored trial resumes its Train run."""
@@ -139,23 +155,16 @@ def _trial_location(ctx: dict) -> str:
     return join(ctx["storage"], f"{ctx['stage']}_runs", tune.get_context().get_trial_id())
 
 
-def publish_trial(run_dir: Path, location: str) -> None:
-    """The trial's outputs (metrics.csv, TensorBoard, data report...) to its storage folder; its
-    model file is dropped (the stage exports the models it keeps from their checkpoints)."""
-    for model_file in run_dir.glob("*.pt"):
-        model_file.unlink()
-    storage.upload(run_dir, location)
-    shutil.rmtree(run_dir, ignore_errors=True)
-
-
 def teacher_trial(config: dict, ctx: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .teacher import pretrain
     location, run_dir = _trial_location(ctx), Path(tempfile.mkdtemp(prefix="raypipe-trial-"))
-    pretrain(Config.from_dict(config), run_dir=run_dir, callbacks=[TuneReportCallback()], storage_path=location,
-             print_epochs=verbose())
-    publish_trial(run_dir, location)
+    try:  # the trial's files go to its storage folder as they are made; its model file is dropped
+        pretrain(Config.from_dict(config), run_dir=run_dir, callbacks=[TuneReportCallback()], storage_path=location,
+                 print_epochs=verbose(), outputs=location)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def student_trial(config: dict, ctx: dict) -> None:
@@ -165,9 +174,11 @@ def student_trial(config: dict, ctx: dict) -> None:
     location, run_dir = _trial_location(ctx), Path(tempfile.mkdtemp(prefix="raypipe-trial-"))
     cfg = Config.from_dict(config)
     teacher = ctx.get("teacher") if cfg.student.mode != "supervised" else None
-    train_student(cfg, teacher, run_dir=run_dir, callbacks=[TuneReportCallback()], storage_path=location,
-                  print_epochs=verbose())
-    publish_trial(run_dir, location)
+    try:
+        train_student(cfg, teacher, run_dir=run_dir, callbacks=[TuneReportCallback()], storage_path=location,
+                      print_epochs=verbose(), outputs=location)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def final_trial(config: dict, ctx: dict) -> None:
@@ -189,7 +200,7 @@ def run_tune_stage(stage: str, trainable, ctx: dict, cfg: Config, space: dict | 
     # Tune's new output engine prints its experiment header even at verbose=0; the legacy one does not
     os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if verbose() else "0"
     path = join(ctx["storage"], stage)
-    fn = tune.with_resources(tune.with_parameters(trainable, ctx=ctx), {"CPU": cfg.tune.driver_cpus})
+    fn = tune.with_resources(tune.with_parameters(trainable, ctx=ctx), driver_resources(cfg))
     params = list(space or {})
     print(f"\n[{stage}] {'grid of ' + str(len(grid)) if grid is not None else num_samples} trials"
           + (f", searching {', '.join(params)}" if params else ""), flush=True)
@@ -350,7 +361,7 @@ def retrain_teacher(cfg: Config, out: Outputs, s1: dict) -> str:
     best = Config.from_dict(s1["best_config"]).with_overrides(
         {"teacher.epochs": cfg.tune.retrain_teacher_epochs, "name": "teacher_long"})
     final = pretrain(best, run_dir=out.local("teacher_long", "teacher.pt").parent,
-                     storage_path=out.path("teacher_long"))
+                     storage_path=out.path("teacher_long"), outputs=out.path("teacher_long"))
     out.publish("teacher_long")
     return out.path("teacher_long", Path(final["teacher"]).name)
 

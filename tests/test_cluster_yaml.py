@@ -131,6 +131,8 @@ def project_problems(cfg: dict, text: str) -> list[str]:
     # the repository is mounted, and the mounted copy is what setup_commands install
     mounts = cfg.get("file_mounts", {})
     for dest, src in mounts.items():
+        if src.startswith("~"):   # a file of the user's machine (the Ray token), never from the repository
+            continue
         if not (REPO / src).exists():
             problems.append(f"file_mounts {dest}: source {src!r} does not exist under {REPO}")
     repo_mounts = [d for d, s in mounts.items() if (REPO / s).resolve() == REPO]
@@ -158,11 +160,21 @@ def project_problems(cfg: dict, text: str) -> list[str]:
         if py and not supported.contains(f"3.{py.group(1)}"):
             problems.append(f"image {image}: Python 3.{py.group(1)} is outside requires-python {supported}")
 
-    # trial drivers (spawned by the raylet) must see RAYPIPE_AUTOSCALING=1 (engine.check_cluster_can_fit)
+    # trial drivers (spawned by the raylet) must see RAYPIPE_AUTOSCALING=1 (engine.check_cluster_can_fit);
+    # every node runs with Ray's token authentication, the token shipped from outside the repository
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = [c for c in cfg.get(key, []) if "ray start" in c]
-        if not start or not all(re.search(r"export RAYPIPE_AUTOSCALING=1\s*;", c) for c in start):
-            problems.append(f"{key}: `ray start` without `export RAYPIPE_AUTOSCALING=1;`")
+        for var in ("RAYPIPE_AUTOSCALING=1", "RAY_AUTH_MODE=token"):
+            if not start or not all(re.search(rf"export {var}\s*;", c) for c in start):
+                problems.append(f"{key}: `ray start` without `export {var};`")
+    if mounts.get("/home/ray/.ray/auth_token") != "~/.ray/auth_token":
+        problems.append("file_mounts must ship the local ~/.ray/auth_token to /home/ray/.ray/auth_token")
+
+    # trial drivers are pinned to the head (tune.DRIVER_RESOURCE), never to GPU nodes
+    from raypipe.tune import DRIVER_RESOURCE
+    carriers = sorted(n for n, t in types.items() if t.get("resources", {}).get(DRIVER_RESOURCE))
+    if carriers != [head]:
+        problems.append(f"only the head may carry {DRIVER_RESOURCE}; it is on {carriers}")
 
     for pattern in SECRET_PATTERNS:
         if re.search(pattern, text):
@@ -245,6 +257,23 @@ def _old_python(cfg):
     cfg["docker"]["head_image"] = f"rayproject/ray:{ray.__version__}-py39-cpu"
 
 
+def _no_auth(cfg):
+    cfg["head_start_ray_commands"] = [c.replace("export RAY_AUTH_MODE=token; ", "")
+                                      for c in cfg["head_start_ray_commands"]]
+
+
+def _no_token_mount(cfg):
+    del cfg["file_mounts"]["/home/ray/.ray/auth_token"]
+
+
+def _drivers_on_gpu(cfg):
+    cfg["available_node_types"]["gpu_1x"]["resources"]["raypipe_driver"] = 1
+
+
+def _no_driver_resource(cfg):
+    del cfg["available_node_types"]["head"]["resources"]["raypipe_driver"]
+
+
 def _no_env(cfg):
     cfg["worker_start_ray_commands"] = [c.replace("export RAYPIPE_AUTOSCALING=1; ", "")
                                         for c in cfg["worker_start_ray_commands"]]
@@ -267,12 +296,34 @@ def _no_env(cfg):
     (_prefix_ray, "is not Ray"),
     (_old_python, "outside requires-python"),
     (_no_env, "worker_start_ray_commands"),
+    (_no_auth, "head_start_ray_commands: `ray start` without `export RAY_AUTH_MODE=token;`"),
+    (_no_token_mount, "must ship the local ~/.ray/auth_token"),
+    (_drivers_on_gpu, "only the head may carry raypipe_driver; it is on ['gpu_1x', 'head']"),
+    (_no_driver_resource, "only the head may carry raypipe_driver; it is on []"),
 ])
 def test_each_project_check_can_fail(raw, mutate, expected):
     cfg = copy.deepcopy(raw)
     mutate(cfg)
     problems = project_problems(cfg, CLUSTER_YAML.read_text())
     assert any(expected in p for p in problems), problems
+
+
+# Secret VALUES (not the names of the variables that hold them) anywhere users copy from.
+VALUE_PATTERNS = [r"AKIA[0-9A-Z]{16}", r"ASIA[0-9A-Z]{16}", r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
+                  r"(?i)(secret_access_key|auth_token|session_token)\s*[=:]\s*['\"]?[A-Za-z0-9/+]{16,}",
+                  r"\b[0-9a-f]{64}\b"]   # a Ray auth token (64 hex digits)
+
+
+def leaked_values(text: str) -> list[str]:
+    return [p for p in VALUE_PATTERNS if re.search(p, text)]
+
+
+def test_no_credentials_or_tokens_in_cluster_yaml_or_docs():
+    files = [CLUSTER_YAML, REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
+             *sorted((REPO / "experiments" / "configs").rglob("*.yaml"))]
+    found = {str(f.relative_to(REPO)): leaked_values(f.read_text()) for f in files}
+    assert not {f: v for f, v in found.items() if v}
+    assert leaked_values("RAY_AUTH_TOKEN=" + "3f" * 32) and leaked_values("AWS_SECRET_ACCESS_KEY=" + "ab12" * 8)
 
 
 @pytest.mark.parametrize("leak", [
@@ -334,3 +385,25 @@ def test_documented_config_keys_exist():
     assert {"resources.use_gpu", "tune.eval_gpus"} <= keys  # the extractor finds them
     missing = [k for k in sorted(keys) if not hasattr(getattr(cfg, k.split(".")[0]), k.split(".")[1])]
     assert not missing, f"documented config keys that do not exist: {missing}"
+
+
+# ---- an autoscaling cluster: what it can grow to, not what is up now ----------------
+def test_concurrency_and_gpus_follow_what_the_autoscaler_can_launch(monkeypatch):
+    from raypipe.config import load_config
+    from raypipe.engine import autoscaler_capacity, resolve_use_gpu
+    from raypipe.tune import trial_concurrency
+
+    capacity = autoscaler_capacity(str(CLUSTER_YAML))
+    # global max_workers 8: 4 x gpu_4x (its max), then 4 x gpu_1x; plus the head
+    assert capacity["GPU"] == 4 * 4 + 4 * 1 and capacity["CPU"] == 8 + 4 * 48 + 4 * 8
+    assert capacity["raypipe_driver"] == 1
+    cfg = load_config(REPO / "experiments" / "configs" / "vipriors_resnet50.yaml")
+    assert trial_concurrency(cfg, capacity) == 5               # 20 GPUs / (4 workers x 1 GPU)
+    # a cold cluster (only the CPU head is up): "auto" still means GPUs, concurrency still 5
+    auto = cfg.with_overrides({"resources.use_gpu": "auto"})
+    monkeypatch.setenv("RAYPIPE_AUTOSCALING", "1")
+    monkeypatch.setenv("RAYPIPE_CLUSTER_CONFIG", str(CLUSTER_YAML))
+    assert resolve_use_gpu(auto.resources) and trial_concurrency(auto) == 5
+    assert trial_concurrency(auto.with_overrides({"tune.max_concurrent_trials": 2})) == 2
+    assert not resolve_use_gpu(auto.with_overrides({"resources.use_gpu": "false"}).resources)
+    assert autoscaler_capacity(str(REPO / "no_such_file.yaml")) is None

@@ -131,3 +131,38 @@ def test_impossible_worker_count_fails_before_any_resource_is_asked(ray_cluster,
         pretrain(cfg)
     assert time.time() - started < 20
     assert_clean(timeout=5)
+
+
+@pytest.mark.slow
+def test_cold_autoscaling_cluster_gets_gpu_requests_not_cpu_training(ray_cluster, tiny_data, tmp_path):
+    """resources.use_gpu=true on an autoscaling cluster whose GPU nodes do not exist yet: the run
+    asks for GPUs (a pending placement group with GPU bundles, what the autoscaler launches nodes
+    for) instead of training on CPU; when its driver dies, the request goes away."""
+    import subprocess
+    import sys
+
+    from ray.util.state import list_placement_groups
+
+    from conftest import TINY
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "RAYPIPE_AUTOSCALING": "1"}
+    cmd = [sys.executable, "-m", "raypipe.cli", "pretrain", str(tiny_data), "--name", "cold", f"output_dir={tmp_path}",
+           *TINY, "resources.use_gpu=true", "resources.num_workers=1"]
+    log = open(tmp_path / "cold.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while True:
+            pending = [p for p in list_placement_groups(detail=True, limit=1000) if p.state == "PENDING"]
+            if any("'GPU'" in str(p.bundles) for p in pending):
+                break
+            assert proc.poll() is None, (tmp_path / "cold.log").read_text()[-2000:]
+            assert time.time() < deadline, "no pending GPU request"
+            time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not list(tmp_path.rglob("checkpoint_*")), "trained on CPU instead of waiting for GPUs"
+    deadline = time.time() + 60
+    while leftovers() != ([], []):
+        assert time.time() < deadline, leftovers()
+        time.sleep(1)

@@ -1,5 +1,8 @@
-"""The main job end to end, as users run it: the script copied alone to another folder (what
-`ray submit` does), smoke mode on demo data, killed mid-search and re-run, then `raypipe results`."""
+"""The main job end to end, as users run it on a cluster: the script copied alone to another folder
+(what `ray submit` does), smoke mode, data and every output on an S3 server (moto on 127.0.0.1,
+reached through AWS_ENDPOINT_URL like real S3), killed mid-search and resumed from an empty local
+disk, then `raypipe results` on the bucket."""
+import io
 import json
 import os
 import re
@@ -12,50 +15,76 @@ from pathlib import Path
 
 import pytest
 
+from raypipe import storage
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def wait_for_finished_trial(state_dir: Path, proc: subprocess.Popen, timeout: float) -> None:
+def wait_for_finished_trial(stage: str, proc: subprocess.Popen, timeout: float) -> None:
+    """Until Tune's experiment state in storage records a finished trial."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, f"driver exited early with {proc.returncode}"
-        for f in state_dir.glob("experiment_state-*.json") if state_dir.is_dir() else []:
-            if "TERMINATED" in f.read_text():
+        for name, _ in storage.list_dir(stage):
+            if name.startswith("experiment_state-") and "TERMINATED" in storage.read_text(f"{stage}/{name}"):
                 return
         time.sleep(2)
-    raise TimeoutError(f"no finished trial in {state_dir} after {timeout} s")
+    raise TimeoutError(f"no finished trial in {stage} after {timeout} s")
 
 
-def trial_iterations(stage_dir: Path) -> dict[str, list[int]]:
+def trial_iterations(stage: str) -> dict[str, list[int]]:
     out = {}
-    for result in stage_dir.glob("*/result.json"):
-        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        out[result.parent.name] = [r["training_iteration"] for r in rows]
+    for name, is_dir in storage.list_dir(stage):
+        if is_dir and storage.is_file(f"{stage}/{name}/result.json"):
+            lines = storage.read_text(f"{stage}/{name}/result.json").splitlines()
+            out[name] = [json.loads(line)["training_iteration"] for line in lines if line.strip()]
     return out
 
 
+def cli(*args: str, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "raypipe.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 @pytest.mark.slow
-def test_smoke_main_job_killed_and_resumed_then_results(ray_cluster, tmp_path):
+def test_smoke_main_job_on_s3_killed_and_resumed_from_empty_disk_then_results(ray_cluster, s3_server, tmp_path):
     script = tmp_path / "elsewhere" / "tune_margin.py"
     script.parent.mkdir()
     shutil.copy(REPO / "experiments" / "tune_margin.py", script)   # alone, as `ray submit` copies it
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    base_env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+
+    token = Path.home() / ".ray" / "auth_token"   # Ray's cluster token, shipped to every node
+
+    def fresh_node(name: str) -> dict:   # an empty home and temp folder, as on a new head node
+        for sub in ("home", "tmp"):
+            (tmp_path / name / sub).mkdir(parents=True)
+        return {**base_env, "HOME": str(tmp_path / name / "home"), "TMPDIR": str(tmp_path / name / "tmp"),
+                **({"RAY_AUTH_TOKEN_PATH": str(token)} if token.is_file() else {})}
+
+    env = fresh_node("node1")
+    assert cli("demo-data", str(tmp_path / "demo"), "--train", "16", "--val", "8", "--test", "8", "--size", "32",
+               env=env).returncode == 0
+    data = f"{s3_server}/demo_parquet"
+    conv = cli("data", "to-parquet", str(tmp_path / "demo"), data, env=env)
+    assert conv.returncode == 0 and "train" in conv.stdout, conv.stderr[-2000:]
+    storage_uri = f"{s3_server}/exp"
     # asha_max_t=1 < epochs=2: ASHA stops every searched trial after its first epoch, so the
     # test deterministically covers trials that start after an early stop (the resource-leak trap).
-    cmd = [sys.executable, str(script), "--smoke", "--storage", str(tmp_path / "exp"), "--name", "smoke",
-           "tune.asha_max_t=1", "tune.max_concurrent_trials=1"]
+    cmd = [sys.executable, str(script), "--smoke", "--data", data, "--storage", storage_uri, "--name", "smoke",
+           "tune.asha_max_t=1", "tune.max_concurrent_trials=1", "tune.sync_period=2"]
     log1 = open(tmp_path / "run1.log", "w")
     first = subprocess.Popen(cmd, cwd=script.parent, env=env, stdout=log1, stderr=subprocess.STDOUT,
                              start_new_session=True)
-    exp = tmp_path / "exp" / "smoke"
+    exp = f"{storage_uri}/smoke"
     try:
-        wait_for_finished_trial(exp / "stage1_teacher", first, timeout=400)
+        wait_for_finished_trial(f"{exp}/stage1_teacher", first, timeout=400)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)   # the driver dies mid-search
+        os.killpg(first.pid, signal.SIGKILL)   # the driver (and its node) dies mid-search
         first.wait()
-    before = trial_iterations(exp / "stage1_teacher")
-    assert before and not (exp / "stage1_teacher.json").exists()
+    before = trial_iterations(f"{exp}/stage1_teacher")
+    assert before and not storage.exists(f"{exp}/stage1_teacher.json")
 
+    env = fresh_node("node2")
     second = subprocess.run(cmd, cwd=script.parent, env=env, capture_output=True, text=True, timeout=900)
     output = second.stdout + second.stderr
     (tmp_path / "run2.log").write_text(output)
@@ -67,19 +96,21 @@ def test_smoke_main_job_killed_and_resumed_then_results(ray_cluster, tmp_path):
     assert not [a for a, b in zip(lines, lines[1:]) if a == b and a.strip()], "a line printed twice in a row"
     assert "core_worker.cc" not in output and "Connecting to existing Ray cluster" not in output
     assert "brand new training job" not in output and "TrainingReport(" not in output
+    assert "Configuration for experiment" not in output and "Warning" not in output   # Tune's header, Ray's own
     assert "[stage2_student] leaderboard" in output and "| + 10-crop |" in output
     assert re.search(r"^\[stage3_final\] \w+ \(distill_0\)  epoch 1  loss ", output, re.M)
 
-    after = trial_iterations(exp / "stage1_teacher")
+    after = trial_iterations(f"{exp}/stage1_teacher")
     assert len(after) == 2                                     # tune.teacher_trials, none duplicated
     finished_before = {t: its for t, its in before.items() if its}
     for trial, its in finished_before.items():
         assert after[trial] == its, f"finished trial {trial} was re-run"
     for stage in ("stage1_teacher", "stage2_student"):         # every searched trial stopped by ASHA
-        for its in trial_iterations(exp / stage).values():
+        for its in trial_iterations(f"{exp}/{stage}").values():
             assert its == [1]
 
-    summary = json.loads((exp / "summary.json").read_text())
+    # everything the run produced is in the bucket, nothing in a local "s3:" folder
+    summary = storage.read_json(f"{exp}/summary.json")
     rows = [r["configuration"] for r in summary["table"]]
     assert rows == ["supervised from scratch", "phase 1 + linear probe", "phase 1 + fine-tune",
                     "phase 1 + phase 2 (distill)", "+ 10-crop", "+ ensemble of 2 (10-crop)"]
@@ -87,34 +118,50 @@ def test_smoke_main_job_killed_and_resumed_then_results(ray_cluster, tmp_path):
     assert set(summary["stage1_teacher"]["best_params"]) == {"teacher.margin", "teacher.temperature",
                                                             "teacher.queue_size"}
     assert summary["stage1_teacher"]["paper_point"]["teacher.margin"] == 0.4
-    assert (exp / "summary.md").read_text().count("|") > 20 and "+ 10-crop" in output
-    for name in summary["models"].values():
-        assert Path(name).is_file()
+    assert storage.read_text(f"{exp}/summary.md").count("|") > 20 and "+ 10-crop" in output
+    assert f"summary: {exp}/summary.md" in output
+    models = {"teacher": summary["stage1_teacher"]["teacher"], **summary["models"]}
+    for uri in models.values():
+        assert uri.startswith(exp + "/") and storage.is_file(uri), uri
+    for name in ("config.yaml", "stage1_teacher.json", "stage2_student.json", "stage3_final.json", "evaluation.json"):
+        assert storage.is_file(f"{exp}/{name}"), name
     for row in ("supervised", "finetune", "distill", "distill_10crop", "ensemble_10crop"):
-        report = json.loads((exp / "eval" / row / "report.json").read_text())
-        assert report["n_images"] == 80 and (exp / "eval" / row / "confusion.png").stat().st_size > 1000
-    assert json.loads((exp / "eval" / "ensemble_10crop" / "report.json").read_text())["views"] == "10-crop"
+        report = storage.read_json(f"{exp}/eval/{row}/report.json")
+        assert report["n_images"] == 80 and len(storage.read_bytes(f"{exp}/eval/{row}/confusion.png")) > 1000
+    assert storage.read_json(f"{exp}/eval/ensemble_10crop/report.json")["views"] == "10-crop"
+    for stage in ("stage1_teacher", "stage2_student", "stage3_final"):
+        runs = [n for n, is_dir in storage.list_dir(f"{exp}/{stage}_runs") if is_dir]
+        assert runs
+        for run in runs:   # per-trial outputs next to the trial's checkpoints
+            files = dict(storage.list_dir(f"{exp}/{stage}_runs/{run}"))
+            assert {"metrics.csv", "data_report.json", "tensorboard", "train"} <= set(files), (stage, run, files)
+            assert storage.read_json(f"{exp}/{stage}_runs/{run}/data_report.json")["train"]["images"] == 160
+        trial_dirs = [n for n, is_dir in storage.list_dir(f"{exp}/{stage}") if is_dir]
+        assert any(n.startswith("events.out.tfevents") for t in trial_dirs
+                   for n, _ in storage.list_dir(f"{exp}/{stage}/{t}"))     # Tune's per-epoch TensorBoard
+    assert not [p for p in tmp_path.rglob("s3:*")] and not Path("s3:").exists()
 
-    # a third run finds every stage done and only re-prints the table
-    third = subprocess.run(cmd + ["--verbose"], cwd=script.parent, env=env, capture_output=True, text=True,
-                           timeout=300)
+    # a third run, from yet another empty node, finds every stage done and only re-prints the table
+    third = subprocess.run(cmd + ["--verbose"], cwd=script.parent, env=fresh_node("node3"), capture_output=True,
+                           text=True, timeout=300)
     assert third.returncode == 0 and "[stage3_final] done before" in third.stdout
     assert "Connecting to existing Ray cluster" in third.stdout + third.stderr   # --verbose: Ray's INFO logs
 
-    res = subprocess.run([sys.executable, "-m", "raypipe.cli", "results", str(exp)], env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = cli("results", exp, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "stage1_teacher: leaderboard by knn_top1" in res.stdout and "teacher.margin" in res.stdout
-    assert "TERMINATED" in res.stdout
+    assert "TERMINATED" in res.stdout and f"plots: {exp}/plots" in res.stdout
     for name in ("stage1_teacher_params.png", "stage1_teacher_curves.png", "stage1_teacher_importance.png",
                  "stage2_student_curves.png"):
-        assert (exp / "plots" / name).stat().st_size > 1000, name
+        assert len(storage.read_bytes(f"{exp}/plots/{name}")) > 1000, name
     from PIL import Image
-    legend = Image.open(exp / "plots" / "stage3_final_curves.png").text["Description"]
+    legend = Image.open(io.BytesIO(storage.read_bytes(f"{exp}/plots/stage3_final_curves.png"))).text["Description"]
     assert {"supervised", "finetune", "distill_0", "distill_1"} <= set(legend.removeprefix("legend: ").split(" | "))
-    assert "margin " in Image.open(exp / "plots" / "stage1_teacher_curves.png").text["Description"]
-    # a folder that is not an experiment: a clear error, nothing written there
-    wrong = subprocess.run([sys.executable, "-m", "raypipe.cli", "results", str(tmp_path / "elsewhere")],
-                           env=env, capture_output=True, text=True, timeout=120)
+    curves = Image.open(io.BytesIO(storage.read_bytes(f"{exp}/plots/stage1_teacher_curves.png")))
+    assert "margin " in curves.text["Description"]
+    # a folder that is not an experiment, a missing bucket: a clear error naming it, nothing written
+    wrong = cli("results", str(tmp_path / "elsewhere"), env=env, timeout=120)
     assert wrong.returncode == 2 and "is not a tune_margin experiment" in wrong.stderr
     assert not (tmp_path / "elsewhere" / "plots").exists()
+    missing = cli("results", "s3://no-such-bucket-raypipe/exp", env=env, timeout=120)
+    assert missing.returncode == 2 and "bucket 'no-such-bucket-raypipe' does not exist" in missing.stderr
