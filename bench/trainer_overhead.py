@@ -69,12 +69,12 @@ def main():
     plain_wall = time.perf_counter() - start
     import shutil
     shutil.rmtree("/tmp/raypipe_bench_runs", ignore_errors=True)
-    run_dir = engine.prepare_run_dir(cfg)
+    run = engine.prepare_run(cfg)
     datasets = {"train": train, "bank": with_view(decoded["train"], "eval", cfg.data),
                 "val": with_view(decoded["val"], "eval", cfg.data)}
     meta = {"n_train": decoded["train"].count, "num_classes": len(index["train"].classes)}
     start = time.perf_counter()
-    result = engine.run_trainer(train_loop, cfg, {"cfg": cfg.to_dict(), "meta": meta}, datasets, run_dir)
+    result = engine.run_trainer(train_loop, cfg, {"cfg": cfg.to_dict(), "meta": meta}, datasets, run)
     train_wall = time.perf_counter() - start
     history = engine.final_state(result)["history"]
     n = decoded["train"].count

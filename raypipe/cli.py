@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import yaml
 
@@ -81,8 +80,8 @@ def cmd_linear_probe(args) -> None:
                            knn_k=cfg.teacher.knn_k, knn_t=cfg.teacher.knn_t, seed=cfg.teacher.seed)
     print(json.dumps(scores, indent=2))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"teacher": args.teacher or "random-init", **scores}, indent=2))
+        from . import storage
+        storage.write_json(args.out, {"teacher": args.teacher or "random-init", **scores})
 
 
 def cmd_evaluate(args) -> None:
@@ -92,7 +91,7 @@ def cmd_evaluate(args) -> None:
                              out_dir=args.out, submission=args.submission, average=args.average)
     short = {k: report[k] for k in ("split", "views", "n_images", "top1", "top5", "submission") if k in report}
     print(json.dumps(short, indent=2))
-    print(f"report: {Path(args.out) / 'report.json'}")
+    print(f"report: {args.out.rstrip('/')}/report.json")
 
 
 def cmd_export(args) -> None:

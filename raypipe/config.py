@@ -7,6 +7,7 @@ turns it back into a validated config inside workers and trial drivers.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import typing
 from dataclasses import dataclass, field
@@ -150,6 +151,8 @@ class TuneConfig:
     student_trials: int = opt(6, lo=1)
     max_concurrent_trials: int = opt(0, lo=0, doc="0 = from the cluster's resources")
     driver_cpus: float = opt(0.01, lo=0.001, hi=1.0, doc="CPU held by each trial's driver")
+    loggers: list[str] = opt([], doc="experiment trackers besides TensorBoard: mlflow, wandb (configured by their "
+                                     "environment variables, e.g. MLFLOW_TRACKING_URI, WANDB_API_KEY)")
     sync_period: int = opt(30, lo=1, doc="seconds between uploads of Tune's experiment state to remote storage "
                                          "(what a resumed run restores from)")
     grace_period: int = opt(2, lo=1, doc="ASHA: epochs before a trial can be stopped")
@@ -335,6 +338,9 @@ def _coerce(key: str, hint, value):
     raise ConfigError(f"config key {key!r} must be of type {hint.__name__}, got {value!r}")
 
 
+TRACKERS = {"mlflow": "mlflow", "wandb": "wandb"}  # tune.loggers value -> the package it needs
+
+
 def validate(cfg: Config) -> None:
     """Range/choice checks on every field, then the cross-field rules."""
     _check_fields(cfg, prefix="")
@@ -353,6 +359,12 @@ def validate(cfg: Config) -> None:
     if cfg.student.warmup_epochs >= cfg.student.epochs and cfg.student.warmup_epochs:
         raise ConfigError(f"student.warmup_epochs={cfg.student.warmup_epochs} must be < "
                           f"student.epochs={cfg.student.epochs}")
+    for logger in cfg.tune.loggers:
+        if logger not in TRACKERS:
+            raise ConfigError(f"tune.loggers: {logger!r} is not one of {sorted(TRACKERS)}")
+        if importlib.util.find_spec(TRACKERS[logger]) is None:
+            raise ConfigError(f"tune.loggers: {logger} needs the {TRACKERS[logger]} package: "
+                              f"pip install 'raypipe[{logger}]'")
     if "/" in cfg.name or not cfg.name:
         raise ConfigError(f"name={cfg.name!r} must be a non-empty folder name without '/'")
 

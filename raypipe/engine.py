@@ -422,9 +422,10 @@ def preflight(cfg: Config) -> None:
     check_cluster_can_fit(cfg.resources, resolve_use_gpu(cfg.resources))
 
 
-def run_trainer(train_fn: Callable, cfg: Config, loop_config: dict, datasets: dict, run_dir: Path,
+def run_trainer(train_fn: Callable, cfg: Config, loop_config: dict, datasets: dict, run,
                 callbacks: list | None = None, storage_path: str | None = None):
-    """Build and fit the TorchTrainer of one phase; re-running the same run folder resumes it."""
+    """Build and fit the TorchTrainer of one phase (``run``: its ``storage.Outputs``); re-running the
+    same run resumes it."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -441,8 +442,8 @@ def run_trainer(train_fn: Callable, cfg: Config, loop_config: dict, datasets: di
         storage = storage_path
     elif res.storage_path:            # shared / remote storage from the config
         storage = f"{res.storage_path.rstrip('/')}/{cfg.name}"
-    else:                             # the run folder itself
-        storage = str(run_dir.resolve())
+    else:                             # the run's own location (its folder, or its URI)
+        storage = run.location
     from ray.train import LoggingConfig
 
     run_config = RunConfig(
@@ -452,7 +453,7 @@ def run_trainer(train_fn: Callable, cfg: Config, loop_config: dict, datasets: di
         checkpoint_config=CheckpointConfig(num_to_keep=res.keep_checkpoints),
         failure_config=FailureConfig(max_failures=res.max_failures))
     if res.num_workers == 0:
-        loop_config = {**loop_config, "local_checkpoint_dir": str((run_dir / "local_checkpoints").resolve())}
+        loop_config = {**loop_config, "local_checkpoint_dir": str((run.scratch / "local_checkpoints").resolve())}
     trainer = TorchTrainer(train_fn, train_loop_config=loop_config, scaling_config=scaling,
                            run_config=run_config, datasets=datasets,
                            dataset_config=DataConfig(datasets_to_split=["train"]))
@@ -517,6 +518,8 @@ def prepare_run(cfg: Config, run_dir: Path | None = None, outputs: str | None = 
     published to ``outputs`` (a local folder or URI; default: run_dir itself); config.yaml first."""
     from . import storage
 
+    if run_dir is None and storage.is_uri(cfg.output_dir):   # made here, kept in the bucket
+        run_dir, outputs = Path(tempfile.mkdtemp(prefix="raypipe-run-")), outputs or storage.join(cfg.output_dir, cfg.name)
     run_dir = Path(run_dir) if run_dir else Path(cfg.output_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     run = storage.Outputs(outputs or str(run_dir), scratch=run_dir)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import csv
-import json
+import io
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import dist
+from . import dist, storage
 from .config import AVERAGES, PROBE_LRS
 from .data import normalize
 
@@ -171,16 +171,13 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, t
     plt.close(fig)
 
 
-def write_submission(path: Path, image_ids: list[str], predictions: list[int]) -> None:
-    """The VIPriors CSV: ``Image IDs,Predictions`` (class index in sorted-folder order)."""
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["Image IDs", "Predictions"])
-        writer.writerows(zip(image_ids, predictions))
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2, default=str))
+def write_submission(location: str, image_ids: list[str], predictions: list[int]) -> None:
+    """The VIPriors CSV: ``Image IDs,Predictions`` (class index in sorted-folder order); local or URI."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["Image IDs", "Predictions"])
+    writer.writerows(zip(image_ids, predictions))
+    storage.write_text(str(location), text.getvalue())
 
 
 # ---- driver-side runs (no Train): `raypipe evaluate`, `raypipe linear-probe` ----------
@@ -225,7 +222,7 @@ def evaluate_models(data_cfg, split: str, model_paths: list[str], ten_crop: bool
               "n_images": int(labels.numel())}
     if submission:
         ids = [Path(index.paths[i]).name for i in idxs.tolist()]
-        write_submission(Path(submission), ids, scores.argmax(1).tolist())
+        write_submission(str(submission), ids, scores.argmax(1).tolist())
         report["submission"] = str(submission)
     if index.labelled:
         report.update(classification_report(scores, labels, classes))
@@ -235,14 +232,14 @@ def evaluate_models(data_cfg, split: str, model_paths: list[str], ten_crop: bool
 
 
 def write_eval_outputs(report: dict, out_dir: str | Path) -> None:
-    """``report.json`` and, for a labelled split, ``confusion.png``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """``report.json`` and, for a labelled split, ``confusion.png`` in a local folder or URI."""
+    out = storage.Outputs(str(out_dir))
     if "confusion" in report:
-        plot_confusion(report["confusion"], list(report["per_class_top1"]), out_dir / "confusion.png",
+        plot_confusion(report["confusion"], list(report["per_class_top1"]), out.local("confusion.png"),
                        f"{report['split']}: top-1 {report['top1']:.2f}% ({report['views']}, "
                        f"{len(report['models'])} model(s))")
-    write_json(out_dir / "report.json", report)
+        out.publish("confusion.png")
+    storage.write_json(out.path("report.json"), report)
 
 
 def probe_teacher(data_cfg, teacher: str | dict, splits: tuple[str, ...] = ("val",), epochs: int = 100,

@@ -12,6 +12,7 @@ import torch
 from .config import ConfigError
 from .data import MEAN, STD
 from .models import payload_arch
+from .storage import Outputs
 
 
 def export_model(model_path: str, out_dir: str | Path, onnx: bool = True) -> dict[str, str]:
@@ -20,24 +21,23 @@ def export_model(model_path: str, out_dir: str | Path, onnx: bool = True) -> dic
 
     net, payload = load_exported(model_path, kind=None)  # read once, whichever kind it holds
     kind = payload["kind"]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Outputs(str(out_dir))   # a local folder or a URI
     name = Path(str(model_path).rstrip("/").rsplit("/", 1)[-1]).stem
-    files = {"state_dict": str(out / f"{name}.state_dict.pt"), "card": str(out / f"{name}.json")}
-    torch.save(net.state_dict(), files["state_dict"])
+    made = {"state_dict": f"{name}.state_dict.pt"}
+    torch.save(net.state_dict(), out.local(made["state_dict"]))
     arch = payload_arch(payload)
     res = payload.get("resolution", 224)
     if onnx and kind == "classifier":
-        files["onnx"] = str(out / f"{name}.onnx")
-        export_onnx(net, res, files["onnx"])
+        made["onnx"] = f"{name}.onnx"
+        export_onnx(net, res, str(out.local(made["onnx"])))
     card = {"kind": kind, "arch": arch, "classes": payload.get("classes"),
             "num_classes": len(payload["classes"]) if kind == "classifier" else 0,
             "input": {"size": [3, res, res], "range": "RGB in [0, 1], then (x - mean) / std",
                       "mean": list(MEAN), "std": list(STD)},
-            "epochs_trained": payload.get("epochs_trained"), "source": str(model_path),
-            "files": {k: Path(v).name for k, v in files.items() if k != "card"}}
-    Path(files["card"]).write_text(json.dumps(card, indent=2))
-    return files
+            "epochs_trained": payload.get("epochs_trained"), "source": str(model_path), "files": made}
+    made["card"] = f"{name}.json"
+    out.local(made["card"]).write_text(json.dumps(card, indent=2))
+    return {k: out.publish(v) for k, v in made.items()}
 
 
 def export_onnx(net: torch.nn.Module, resolution: int, path: str) -> None:

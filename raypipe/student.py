@@ -144,9 +144,10 @@ def export_student(cfg: Config, state: dict, path: Path, classes: list[str], tea
 
 def train_student(cfg: Config, teacher_path: str | Path | None = None, run_dir: Path | None = None,
                   callbacks: list | None = None, storage_path: str | None = None, print_epochs: bool = True,
-                  outputs: str | None = None) -> dict:
+                  outputs: str | None = None, publish_model: bool = True) -> dict:
     """Phase 2 end to end: check teacher and data, train, export ``student.pt``.
-    ``outputs``: where the run's files are published (local folder or URI; default: run_dir)."""
+    ``outputs``: where the run's files are published (local folder or URI; default: run_dir, or
+    output_dir/name when output_dir is a URI); ``publish_model=False`` keeps the model file local."""
     import ray
 
     from .data import decode_split, with_view
@@ -157,7 +158,6 @@ def train_student(cfg: Config, teacher_path: str | Path | None = None, run_dir: 
         print(f"note: teacher was pre-trained on classes {payload['classes'][:5]}...; "
               f"student classes come from {cfg.data.root}", flush=True)
     run = engine.prepare_run(cfg, run_dir, outputs)
-    run_dir = run.scratch
     engine.preflight(cfg)  # cluster can host the workers: checked before data is read
     decoded = {s: decode_split(index[s], cfg.data) for s in ("train", "val")}
     skipped = engine.write_data_report(run, decoded)
@@ -169,13 +169,14 @@ def train_student(cfg: Config, teacher_path: str | Path | None = None, run_dir: 
     meta = {"n_train": decoded["train"].count, "num_classes": len(classes), "print_epochs": print_epochs,
             "outputs": run.location,
             "teacher_ref": ray.put(payload["state_dict"]) if payload is not None else None}
-    result = engine.run_trainer(train_loop, cfg, {"cfg": cfg.to_dict(), "meta": meta}, datasets, run_dir,
+    result = engine.run_trainer(train_loop, cfg, {"cfg": cfg.to_dict(), "meta": meta}, datasets, run,
                                 callbacks=callbacks, storage_path=storage_path)
     state = engine.final_state(result)
-    model_path = export_student(cfg, state, run_dir / "student.pt", classes, teacher_path)
+    export_student(cfg, state, run.local("student.pt"), classes, teacher_path)
     history = state["history"]
     final = {"phase": s.mode, "epochs": len(history), **history[-1],
-             "best_val_top1": max(h["val_top1"] for h in history), "model": str(model_path),
+             "best_val_top1": max(h["val_top1"] for h in history),
+             "model": run.publish("student.pt") if publish_model else str(run.local("student.pt")),
              "skipped_images": skipped, "n_train": decoded["train"].count, "checkpoint": result.checkpoint.path}
     engine.write_run_outputs(run, final)
     return final

@@ -87,9 +87,11 @@ def export_teacher(cfg: Config, state: dict, path: Path, classes: list[str]) -> 
 
 
 def pretrain(cfg: Config, run_dir: Path | None = None, callbacks: list | None = None,
-             storage_path: str | None = None, print_epochs: bool = True, outputs: str | None = None) -> dict:
+             storage_path: str | None = None, print_epochs: bool = True, outputs: str | None = None,
+             publish_model: bool = True) -> dict:
     """Phase 1 end to end: check data, decode it with Ray Data, train, export ``teacher.pt``.
-    ``outputs``: where the run's files are published (local folder or URI; default: run_dir)."""
+    ``outputs``: where the run's files are published (local folder or URI; default: run_dir, or
+    output_dir/name when output_dir is a URI); ``publish_model=False`` keeps the model file local."""
     from .data import decode_split, with_view
 
     index = scan_dataset(cfg.data, ("train", "val"))  # layout errors before any Ray resource
@@ -101,7 +103,6 @@ def pretrain(cfg: Config, run_dir: Path | None = None, callbacks: list | None = 
         raise ConfigError(f"teacher.queue_size={t.queue_size} exceeds the {n_images} training images "
                           f"(the queue would hold stale duplicate keys); {hint}")
     run = engine.prepare_run(cfg, run_dir, outputs)
-    run_dir = run.scratch
     engine.preflight(cfg)  # cluster can host the workers: checked before data is read
     decoded = {s: decode_split(index[s], cfg.data) for s in ("train", "val")}
     skipped = engine.write_data_report(run, decoded)
@@ -114,14 +115,14 @@ def pretrain(cfg: Config, run_dir: Path | None = None, callbacks: list | None = 
                 "val": with_view(decoded["val"], "eval", cfg.data)}
     meta = {"n_train": n_train, "num_classes": len(index["train"].classes), "print_epochs": print_epochs,
             "outputs": run.location}
-    result = engine.run_trainer(train_loop, cfg, {"cfg": cfg.to_dict(), "meta": meta}, datasets, run_dir,
+    result = engine.run_trainer(train_loop, cfg, {"cfg": cfg.to_dict(), "meta": meta}, datasets, run,
                                 callbacks=callbacks, storage_path=storage_path)
     state = engine.final_state(result)
-    teacher_path = export_teacher(cfg, state, run_dir / "teacher.pt", index["train"].classes)
+    export_teacher(cfg, state, run.local("teacher.pt"), index["train"].classes)
     history = state["history"]
     final = {"phase": "pretrain", "epochs": len(history), **history[-1],
              "best_knn_top1": max((h.get("knn_top1", 0.0) for h in history), default=0.0),
-             "teacher": str(teacher_path), "skipped_images": skipped, "n_train": n_train,
-             "checkpoint": result.checkpoint.path}
+             "teacher": run.publish("teacher.pt") if publish_model else str(run.local("teacher.pt")),
+             "skipped_images": skipped, "n_train": n_train, "checkpoint": result.checkpoint.path}
     engine.write_run_outputs(run, final)
     return final

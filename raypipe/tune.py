@@ -162,7 +162,7 @@ def teacher_trial(config: dict, ctx: dict) -> None:
     location, run_dir = _trial_location(ctx), Path(tempfile.mkdtemp(prefix="raypipe-trial-"))
     try:  # the trial's files go to its storage folder as they are made; its model file is dropped
         pretrain(Config.from_dict(config), run_dir=run_dir, callbacks=[TuneReportCallback()], storage_path=location,
-                 print_epochs=verbose(), outputs=location)
+                 print_epochs=verbose(), outputs=location, publish_model=False)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -176,7 +176,7 @@ def student_trial(config: dict, ctx: dict) -> None:
     teacher = ctx.get("teacher") if cfg.student.mode != "supervised" else None
     try:
         train_student(cfg, teacher, run_dir=run_dir, callbacks=[TuneReportCallback()], storage_path=location,
-                      print_epochs=verbose(), outputs=location)
+                      print_epochs=verbose(), outputs=location, publish_model=False)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -226,13 +226,29 @@ def run_tune_stage(stage: str, trainable, ctx: dict, cfg: Config, space: dict | 
                                                      failure_config=tune.FailureConfig(max_failures=1),
                                                      sync_config=tune.SyncConfig(sync_period=cfg.tune.sync_period),
                                                      verbose=1 if loud else 0,
-                                                     callbacks=[] if loud else [progress.TrialProgress(stage, params)]))
+                                                     callbacks=tracking_callbacks(cfg, stage) + (
+                                                         [] if loud else [progress.TrialProgress(stage, params)])))
     grid_result = tuner.fit()
     print(progress.leaderboard(grid_result, stage, metric, params), flush=True)
     errors = [r.error for r in grid_result if r.error is not None]
     if errors and len(errors) == len(grid_result):
         raise RuntimeError(f"[{stage}] every trial failed; first error: {errors[0]}")
     return grid_result
+
+
+def tracking_callbacks(cfg: Config, stage: str) -> list:
+    """Ray's logger callbacks for the trackers in ``tune.loggers`` (TensorBoard is always on: Tune
+    writes each trial's events into the experiment's storage). One MLflow experiment / W&B group
+    per stage, one run per trial."""
+    callbacks = []
+    if "mlflow" in cfg.tune.loggers:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+        callbacks.append(MLflowLoggerCallback(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
+                                              experiment_name=f"{cfg.tune.experiment}-{stage}"))
+    if "wandb" in cfg.tune.loggers:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+        callbacks.append(WandbLoggerCallback(project=cfg.tune.experiment, group=stage))
+    return callbacks
 
 
 def best_trial(grid, metric: str):
@@ -393,8 +409,7 @@ def evaluate_all(cfg: Config, out: Outputs, s1: dict, s3: dict) -> dict:
     probe = pr.remote(data, s3["teacher"], splits=("val", "test"))
     results = {k: ray.get(v) for k, v in jobs.items()}
     for name, report in results.items():
-        write_eval_outputs(report, out.local("eval", name))
-        out.publish("eval", name)
+        write_eval_outputs(report, out.path("eval", name))
     probe_scores = ray.get(probe)
     rows = [
         ("supervised from scratch", results["supervised"]["top1"], m["supervised"]),

@@ -104,7 +104,7 @@ def test_on_premise_recipe_from_the_comments_validates(raw):
 
 
 # ---- what raypipe needs from the cluster ------------------------------------------
-def project_problems(cfg: dict, text: str) -> list[str]:
+def project_problems(cfg: dict, text: str, lock_text: str | None = None) -> list[str]:
     """Everything wrong with a cluster config for raypipe (empty list: fine)."""
     import ray
 
@@ -141,6 +141,16 @@ def project_problems(cfg: dict, text: str) -> list[str]:
     installs = [c for c in cfg.get("setup_commands", []) if re.search(r"\bpip install\b", c)]
     if not any(d.rstrip("/") in c.split() for d in repo_mounts for c in installs):
         problems.append(f"setup_commands do not `pip install` the mounted repository {repo_mounts}")
+    # ... with the locked versions, which pin this Ray and the project's dependencies
+    lock = REPO / "requirements" / "cluster.lock"
+    if not any(f"-c {d.rstrip('/')}/requirements/cluster.lock" in c for d in repo_mounts for c in installs):
+        problems.append("setup_commands do not install with -c <repository>/requirements/cluster.lock")
+    pins = lock_pins(lock.read_text() if lock_text is None else lock_text)
+    if pins.get("ray") != ray.__version__:
+        problems.append(f"requirements/cluster.lock pins ray {pins.get('ray')}, not {ray.__version__}")
+    for dep in project_dependencies():
+        if not dep.specifier.contains(pins.get(dep.name.lower(), "0"), prereleases=True):
+            problems.append(f"requirements/cluster.lock: {dep.name} {pins.get(dep.name.lower())} is not {dep}")
     excluded = set(cfg.get("rsync_exclude", []))
     for heavy in (".venv", ".git"):
         if heavy not in excluded:
@@ -180,6 +190,28 @@ def project_problems(cfg: dict, text: str) -> list[str]:
         if re.search(pattern, text):
             problems.append(f"credential-looking text matches {pattern}")
     return problems
+
+
+def lock_pins(text: str) -> dict[str, str]:
+    pins = {}
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name.strip().lower()] = version.strip() if version else "unpinned"
+    return pins
+
+
+def project_dependencies():
+    from packaging.requirements import Requirement
+    return [Requirement(d) for d in _pyproject()["project"]["dependencies"]]
+
+
+def _pyproject() -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
 def project_python():
@@ -274,6 +306,11 @@ def _no_driver_resource(cfg):
     del cfg["available_node_types"]["head"]["resources"]["raypipe_driver"]
 
 
+def _unlocked_install(cfg):
+    cfg["setup_commands"] = [c.replace("-c /home/ray/raypipe/requirements/cluster.lock ", "")
+                             for c in cfg["setup_commands"]]
+
+
 def _no_env(cfg):
     cfg["worker_start_ray_commands"] = [c.replace("export RAYPIPE_AUTOSCALING=1; ", "")
                                         for c in cfg["worker_start_ray_commands"]]
@@ -296,6 +333,7 @@ def _no_env(cfg):
     (_prefix_ray, "is not Ray"),
     (_old_python, "outside requires-python"),
     (_no_env, "worker_start_ray_commands"),
+    (_unlocked_install, "do not install with -c <repository>/requirements/cluster.lock"),
     (_no_auth, "head_start_ray_commands: `ray start` without `export RAY_AUTH_MODE=token;`"),
     (_no_token_mount, "must ship the local ~/.ray/auth_token"),
     (_drivers_on_gpu, "only the head may carry raypipe_driver; it is on ['gpu_1x', 'head']"),
@@ -324,6 +362,17 @@ def test_no_credentials_or_tokens_in_cluster_yaml_or_docs():
     found = {str(f.relative_to(REPO)): leaked_values(f.read_text()) for f in files}
     assert not {f: v for f, v in found.items() if v}
     assert leaked_values("RAY_AUTH_TOKEN=" + "3f" * 32) and leaked_values("AWS_SECRET_ACCESS_KEY=" + "ab12" * 8)
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda t: re.sub(r"(?m)^ray==.*$", "ray==2.9.0", t), "pins ray 2.9.0"),
+    (lambda t: re.sub(r"(?m)^torch==.*$", "torch==2.0.0", t), "torch 2.0.0 is not torch"),
+    (lambda t: re.sub(r"(?m)^optuna==.*\n", "", t), "optuna None is not optuna"),
+])
+def test_lock_check_can_fail(raw, change, expected):
+    lock = (REPO / "requirements" / "cluster.lock").read_text()
+    problems = project_problems(raw, CLUSTER_YAML.read_text(), change(lock))
+    assert any(expected in p for p in problems), problems
 
 
 @pytest.mark.parametrize("leak", [

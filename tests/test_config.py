@@ -78,3 +78,13 @@ def test_extends_errors_name_the_files(tmp_path):
     (tmp_path / "c.yaml").write_text("extends: [a.yaml]\n")
     with pytest.raises(ConfigError, match="c.yaml.*extends"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_trackers_are_checked_before_anything_runs():
+    import importlib.util
+    with pytest.raises(ConfigError, match=r"tune.loggers: 'neptune' is not one of \['mlflow', 'wandb'\]"):
+        load_config(overrides=["tune.loggers=[neptune]"])
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ConfigError, match=r"wandb needs the wandb package: pip install 'raypipe\[wandb\]'"):
+            load_config(overrides=["tune.loggers=[wandb]"])
+    assert load_config(overrides=["tune.loggers=[]"]).tune.loggers == []

@@ -165,3 +165,35 @@ def test_smoke_main_job_on_s3_killed_and_resumed_from_empty_disk_then_results(ra
     assert not (tmp_path / "elsewhere" / "plots").exists()
     missing = cli("results", "s3://no-such-bucket-raypipe/exp", env=env, timeout=120)
     assert missing.returncode == 2 and "bucket 'no-such-bucket-raypipe' does not exist" in missing.stderr
+
+
+def _reporting_trial(config: dict, ctx: dict) -> None:
+    from ray import tune
+    for epoch in range(2):
+        tune.report({"knn_top1": 10 * config["teacher"]["margin"] + epoch})
+
+
+def test_trials_are_tracked_in_mlflow_when_asked(ray_cluster, tmp_path, monkeypatch):
+    """tune.loggers=[mlflow]: Ray's MLflow callback logs every trial (config and per-epoch metrics)
+    to the tracking server named by MLFLOW_TRACKING_URI, without code changes."""
+    pytest.importorskip("mlflow", reason="MLflow tracking needs the test extra (mlflow-skinny)")
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from raypipe.config import load_config
+    from raypipe.tune import run_tune_stage
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path}/mlruns")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")   # MLflow 3 wants a server or a database otherwise
+    cfg = load_config(overrides=["tune.loggers=[mlflow]", "tune.experiment=track", "tune.max_concurrent_trials=1"])
+    run_tune_stage("stage1_teacher", _reporting_trial, {"storage": str(tmp_path / "exp")}, cfg,
+                   {"teacher.margin": tune.uniform(0.0, 0.8)}, "knn_top1", 2, {"teacher.margin": 0.4}, max_t=2)
+    client = MlflowClient(f"file://{tmp_path}/mlruns")
+    experiment = client.get_experiment_by_name("track-stage1_teacher")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 2
+    margins = sorted(float(r.data.params["teacher/margin"]) for r in runs)
+    assert 0.4 in margins
+    for r in runs:
+        history = client.get_metric_history(r.info.run_id, "knn_top1")
+        margin = float(r.data.params["teacher/margin"])
+        assert sorted(m.value for m in history) == pytest.approx([10 * margin, 10 * margin + 1])
