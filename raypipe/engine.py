@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import tempfile
 import threading
@@ -606,8 +607,38 @@ def ensure_ray(**init_kwargs) -> None:
             init_kwargs.setdefault("logging_level", logging.WARNING)
         os.environ.update(job_env)  # a local cluster's raylet and workers inherit these too
         ray.init(log_to_driver=True, runtime_env=runtime_env, **init_kwargs)
+        if not verbose():
+            hide_ray_component_logs()
     quiet_ray_data()
     hide_internal_deprecations()
+
+
+# Ray's C++ components (raylet, GCS, core workers) log in glog format, e.g.
+# "[2026-11-29 19:47:42,055 E 21044 21044] (gcs_server) gcs_actor_scheduler.cc:538: ..."
+RAY_COMPONENT_LOG = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [IWEF] \d+ \d+\] ")
+
+
+def hide_ray_component_logs() -> None:
+    """Drop Ray's own C++ log lines (e.g. an actor killed twice at shutdown, logged as an error)
+    from what the cluster streams to this driver; the job's own output and Python tracebacks pass.
+    Hooks Ray's private log dispatcher (Ray is pinned < 2.61): if it moves, nothing is filtered."""
+    try:
+        from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+        handlers = dispatcher.handlers
+    except (ImportError, AttributeError):
+        return
+
+    def drop_component_lines(handler):
+        def filtered(data: dict) -> None:
+            lines = [line for line in data.get("lines", []) if not RAY_COMPONENT_LOG.match(line)]
+            if lines:
+                handler({**data, "lines": lines})
+        filtered.raypipe_filter = True
+        return filtered
+
+    with dispatcher._lock:
+        dispatcher.handlers = [(name, h if getattr(h, "raypipe_filter", False) else drop_component_lines(h))
+                               for name, h in handlers]
 
 
 def hide_internal_deprecations() -> None:

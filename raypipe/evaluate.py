@@ -221,7 +221,7 @@ def evaluate_models(data_cfg, split: str, model_paths: list[str], ten_crop: bool
               "views": "10-crop" if ten_crop else "centre crop", "average": average, "skipped_images": decoded.skipped,
               "n_images": int(labels.numel())}
     if submission:
-        ids = [Path(index.paths[i]).name for i in idxs.tolist()]
+        ids = [storage.name(index.paths[i]) for i in idxs.tolist()]
         write_submission(str(submission), ids, scores.argmax(1).tolist())
         report["submission"] = str(submission)
     if index.labelled:

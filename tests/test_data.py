@@ -1,4 +1,5 @@
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -239,6 +240,11 @@ def test_folder_and_parquet_on_s3_index_like_local(s3_server, tiny_data, tmp_pat
     assert D.scan_split(folder_uri, "train").paths[0].startswith(folder_uri + "/train/circle/")
     assert D.scan_split(pq_uri, "val").parquet_files[0] == f"{pq_uri}/val/part-00000.parquet"
     assert not Path("s3:").exists() and not (tmp_path / "s3:").exists()   # no URI taken for a local path
+    import subprocess
+    import sys
+    check = subprocess.run([sys.executable, "-m", "raypipe.cli", "data", "check", pq_uri], capture_output=True,
+                           text=True, timeout=120)
+    assert check.returncode == 0 and re.search(r"train\s+64 images\s+4 classes", check.stdout), check.stderr
     # converting into a destination that holds Parquet already: refused, nothing touched
     before = storage.read_bytes(f"{pq_uri}/val/part-00000.parquet")
     with pytest.raises(D.DataError, match=r"already holds Parquet split\(s\) \['test', 'train', 'val'\]"):

@@ -99,3 +99,14 @@ def test_two_workers_start_with_one_queue_and_evaluate_with_averaged_bn_statisti
     assert not torch.allclose(a["local_mean"], b["local_mean"])      # the ranks' statistics differed ...
     assert torch.allclose(a["mean"], b["mean"])                      # ... and are now one set
     assert torch.allclose(a["mean"], (a["local_mean"] + b["local_mean"]) / 2, atol=1e-6)
+
+
+def test_ray_component_logs_are_hidden_from_the_driver_unless_verbose(ray_cluster, capsys):
+    """Lines the cluster streams to the driver: Ray's C++ log lines are dropped, the job's own pass."""
+    from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+    internal = ("[2026-11-29 19:47:42,055 E 21044 21044] (gcs_server) gcs_actor_scheduler.cc:538: Failed to kill "
+                "actor 5211")
+    dispatcher.emit({"lines": [internal, "skipped 3 unreadable image(s)"], "pid": 1234, "is_err": True,
+                     "ip": "127.0.0.1", "job": "01000000"})
+    err = capsys.readouterr().err
+    assert "skipped 3 unreadable image(s)" in err and "gcs_actor_scheduler.cc" not in err

@@ -38,7 +38,8 @@ def test_queue_keys_from_workers_on_two_nodes(three_nodes, tmp_path):
 
 
 @pytest.mark.slow
-def test_phase1_and_a_tune_trial_across_nodes(three_nodes, tiny_config, tmp_path):
+def test_phase1_and_a_tune_trial_across_nodes_then_the_nodes_go_away(three_nodes, tiny_config, tmp_path,
+                                                                       s3_server):
     from raypipe.teacher import pretrain
     from ray.util.state import list_actors
 
@@ -52,14 +53,21 @@ def test_phase1_and_a_tune_trial_across_nodes(three_nodes, tiny_config, tmp_path
     assert sorted(p.name for p in (shared / "mn" / "train").glob("checkpoint_*")), "no checkpoint in storage"
     assert final["checkpoint"].startswith(str(shared))
 
+    # a Tune trial across both worker nodes, everything in the (S3) storage; then the nodes go away
+    from raypipe import storage
     tcfg = cfg.with_overrides({"tune.teacher_trials": 1, "resources.storage_path": ""})
-    record = stage1(tcfg, {"storage": str(shared / "exp")}, Outputs(str(shared / "exp")), 64,
-                    ["circle", "square", "star", "stripes"])
-    trial_runs = list((shared / "exp" / "stage1_teacher_runs").glob("*/train/checkpoint_*"))
-    assert trial_runs, "the trial's Train checkpoints must land in the shared storage"
-    results = list((shared / "exp" / "stage1_teacher").glob("*/result.json"))
-    rows = [json.loads(line) for line in results[0].read_text().splitlines()]
-    assert rows[-1]["nodes"] == 2 and Path(record["teacher"]).is_file()
+    exp = f"{s3_server}/multinode/exp"
+    record = stage1(tcfg, {"storage": exp}, Outputs(exp), 64, ["circle", "square", "star", "stripes"])
     head = three_nodes[0].head_node.node_id
     drivers = list_actors(filters=[("class_name", "=", "ImplicitFunc")], detail=True)
     assert drivers and {a.node_id for a in drivers} == {head}, "trial drivers belong on the driver node type"
+    cluster, workers = three_nodes
+    for node in workers:
+        cluster.remove_node(node)
+    (trial,) = [n for n, is_dir in storage.list_dir(f"{exp}/stage1_teacher_runs") if is_dir]
+    run = f"{exp}/stage1_teacher_runs/{trial}"
+    assert any(n.startswith("checkpoint_") for n, _ in storage.list_dir(f"{run}/train"))
+    assert {"metrics.csv", "tensorboard", "data_report.json", "config.yaml"} <= {n for n, _ in storage.list_dir(run)}
+    (tune_dir,) = [n for n, is_dir in storage.list_dir(f"{exp}/stage1_teacher") if is_dir]
+    rows = [json.loads(line) for line in storage.read_text(f"{exp}/stage1_teacher/{tune_dir}/result.json").splitlines()]
+    assert rows[-1]["nodes"] == 2 and storage.is_file(record["teacher"]) and record["teacher"].startswith(exp)
