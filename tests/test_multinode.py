@@ -40,30 +40,54 @@ def test_queue_keys_from_workers_on_two_nodes(three_nodes, tmp_path):
 @pytest.mark.slow
 def test_phase1_and_a_tune_trial_across_nodes_then_the_nodes_go_away(three_nodes, tiny_config, tmp_path,
                                                                        s3_server):
-    from raypipe.teacher import pretrain
+    """Phase 1 on two nodes with checkpoints in S3; a node that hosts a worker is removed mid-run and
+    the run resumes from storage on the nodes left. Then a Tune trial, whose nodes are removed
+    afterwards: nothing of it is lost."""
+    import threading
+    import time
+
+    import pandas as pd
     from ray.util.state import list_actors
 
+    from raypipe import storage
     from raypipe.storage import Outputs
+    from raypipe.teacher import pretrain
     from raypipe.tune import stage1
-    shared = tmp_path / "shared"
+    cluster, workers = three_nodes
+    head = cluster.head_node.node_id
+    runs = f"{s3_server}/multinode/runs"
     cfg = tiny_config("name=mn", "resources.num_workers=2", "resources.placement_strategy=STRICT_SPREAD",
-                      f"resources.storage_path={shared}", "teacher.queue_size=32")
-    final = pretrain(cfg)
-    assert final["nodes"] == 2 and final["world_size"] == 2
-    assert sorted(p.name for p in (shared / "mn" / "train").glob("checkpoint_*")), "no checkpoint in storage"
-    assert final["checkpoint"].startswith(str(shared))
+                      f"resources.storage_path={runs}", "teacher.queue_size=32", "teacher.epochs=3",
+                      "resources.max_failures=1")
+    out = {}
+    runner = threading.Thread(target=lambda: out.update(final=pretrain(cfg)), daemon=True)
+    runner.start()
+    deadline = time.time() + 300
+    snapshot = f"{runs}/mn/train/checkpoint_manager_snapshot.json"   # once Train registered a checkpoint
+    while not (storage.is_file(snapshot) and "checkpoint_" in storage.read_text(snapshot)):
+        assert time.time() < deadline and runner.is_alive(), "no checkpoint was written"
+        time.sleep(0.5)
+    hosts = {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                                            detail=True)}
+    (doomed,) = [n for n in workers if n.node_id in hosts][:1]
+    cluster.remove_node(doomed)                                   # its node goes away mid-run
+    runner.join(timeout=400)
+    assert "final" in out, "the run did not finish after its node was removed"
+    history = pd.read_csv(tmp_path / "runs" / "mn" / "metrics.csv")
+    assert history["epoch"].tolist() == [0, 1, 2] and history["start_epoch"].max() > 0   # resumed, none lost
+    assert out["final"]["nodes"] == 2 and out["final"]["world_size"] == 2
+    assert out["final"]["checkpoint"].startswith(f"{runs}/mn/train/")
 
     # a Tune trial across both worker nodes, everything in the (S3) storage; then the nodes go away
     from raypipe import storage
-    tcfg = cfg.with_overrides({"tune.teacher_trials": 1, "resources.storage_path": ""})
+    tcfg = cfg.with_overrides({"tune.teacher_trials": 1, "resources.storage_path": "", "teacher.epochs": 1})
     exp = f"{s3_server}/multinode/exp"
     record = stage1(tcfg, {"storage": exp}, Outputs(exp), 64, ["circle", "square", "star", "stripes"])
-    head = three_nodes[0].head_node.node_id
     drivers = list_actors(filters=[("class_name", "=", "ImplicitFunc")], detail=True)
     assert drivers and {a.node_id for a in drivers} == {head}, "trial drivers belong on the driver node type"
-    cluster, workers = three_nodes
     for node in workers:
-        cluster.remove_node(node)
+        if node is not doomed:
+            cluster.remove_node(node)
     (trial,) = [n for n, is_dir in storage.list_dir(f"{exp}/stage1_teacher_runs") if is_dir]
     run = f"{exp}/stage1_teacher_runs/{trial}"
     assert any(n.startswith("checkpoint_") for n, _ in storage.list_dir(f"{run}/train"))
