@@ -248,6 +248,25 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+PRESETS = Path(__file__).with_name("presets")   # named configs shipped with the package (smoke, laptop)
+
+
+def preset(name: str) -> dict:
+    """A preset under raypipe/presets/ as dotted overrides, e.g. {"teacher.epochs": 2}."""
+    path = PRESETS / f"{name}.yaml"
+    loaded = yaml.safe_load(path.read_text()) or {}
+    _merge(Config().to_dict(), loaded, prefix="", source=str(path))  # unknown keys: an error naming the file
+    return dict(_dotted(loaded))
+
+
+def _dotted(node: dict, prefix: str = ""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _dotted(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     """YAML file (optional) + dotted overrides -> validated Config. No Ray is touched."""
     raw: dict = Config().to_dict()

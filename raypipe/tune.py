@@ -10,6 +10,7 @@ Stages (each skipped on a re-run once finished, restored with ``Tuner.restore`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shlex
@@ -21,26 +22,11 @@ from pathlib import Path
 
 from . import engine, progress, storage
 from .cli import parse_args as overrides_anywhere
-from .config import Config, ConfigError, load_config, set_verbose, verbose
+from .config import Config, ConfigError, load_config, parse_overrides, preset, set_verbose, verbose
 from .data import scan_dataset
 from .storage import Outputs, join
 
 TEACHER_METRIC, STUDENT_METRIC = "knn_top1", "val_top1"
-SMOKE = [  # tiny trials on demo data: the whole job in a few minutes on 2 cores
-    "data.resolution=16", "data.decode_size=20", "data.aug_batch_size=32",
-    "resources.num_workers=1", "resources.cpus_per_worker=0.5",
-    "teacher.backbone=resnet18", "teacher.epochs=2", "teacher.batch_size=16", "teacher.knn_k=20",
-    "teacher.proj_hidden=128", "student.backbone=resnet18", "student.epochs=2", "student.batch_size=16",
-    "student.ce_only_epochs=1", "tune.teacher_trials=2", "tune.student_trials=2", "tune.grace_period=1",
-    "tune.final_members=2",
-]
-LAPTOP = [  # no --data/--config: a demo-sized search that fits a laptop CPU (about an hour)
-    "data.resolution=32", "data.decode_size=36", "resources.num_workers=1",
-    "teacher.epochs=30", "teacher.batch_size=32", "teacher.lr=0.06", "teacher.knn_k=50", "teacher.proj_hidden=512",
-    "student.epochs=30", "student.batch_size=32", "student.lr=0.05", "student.schedule=cosine",
-    "student.ce_only_epochs=2", "student.crop_min_scale=0.35",
-    "tune.teacher_trials=4", "tune.student_trials=3", "tune.grace_period=5",
-]
 SMOKE_DEMO = {"train": 16, "val": 8, "test": 8}
 DEMO = {"train": 50, "val": 20, "test": 20}
 
@@ -148,37 +134,38 @@ def driver_resources(cfg: Config) -> dict:
     return res
 
 
-def _trial_location(ctx: dict) -> str:
-    """The trial's folder in storage: its Train run (checkpoints) and its outputs. Named after the
-    trial id, no timestamp: a retried or restored trial resumes its Train run."""
+@contextlib.contextmanager
+def trial_run(ctx: dict):
+    """-> (the trial's folder in storage, a local scratch folder removed afterwards). The storage
+    folder holds the trial's Train run (checkpoints) and its files, which go there as they are
+    made; it is named after the trial id, no timestamp, so a retried or restored trial resumes."""
     from ray import tune
-    return join(ctx["storage"], f"{ctx['stage']}_runs", tune.get_context().get_trial_id())
+    location = join(ctx["storage"], f"{ctx['stage']}_runs", tune.get_context().get_trial_id())
+    scratch = Path(tempfile.mkdtemp(prefix="raypipe-trial-"))
+    try:
+        yield location, scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def teacher_trial(config: dict, ctx: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .teacher import pretrain
-    location, run_dir = _trial_location(ctx), Path(tempfile.mkdtemp(prefix="raypipe-trial-"))
-    try:  # the trial's files go to its storage folder as they are made; its model file is dropped
-        pretrain(Config.from_dict(config), run_dir=run_dir, callbacks=[TuneReportCallback()], storage_path=location,
+    with trial_run(ctx) as (location, scratch):  # the model file stays local: stages export what they keep
+        pretrain(Config.from_dict(config), run_dir=scratch, callbacks=[TuneReportCallback()], storage_path=location,
                  print_epochs=verbose(), outputs=location, publish_model=False)
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def student_trial(config: dict, ctx: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .student import train_student
-    location, run_dir = _trial_location(ctx), Path(tempfile.mkdtemp(prefix="raypipe-trial-"))
     cfg = Config.from_dict(config)
     teacher = ctx.get("teacher") if cfg.student.mode != "supervised" else None
-    try:
-        train_student(cfg, teacher, run_dir=run_dir, callbacks=[TuneReportCallback()], storage_path=location,
+    with trial_run(ctx) as (location, scratch):
+        train_student(cfg, teacher, run_dir=scratch, callbacks=[TuneReportCallback()], storage_path=location,
                       print_epochs=verbose(), outputs=location, publish_model=False)
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def final_trial(config: dict, ctx: dict) -> None:
@@ -464,18 +451,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> Config:
-    overrides = list(SMOKE if args.smoke else [])
-    if not (args.smoke or args.data or args.config):
-        overrides = list(LAPTOP)
-    if args.storage:
-        overrides.append(f"tune.storage={args.storage}")
-    if args.name:
-        overrides.append(f"tune.experiment={args.name}")
-    if args.max_concurrent_trials is not None:
-        overrides.append(f"tune.max_concurrent_trials={args.max_concurrent_trials}")
-    if args.data:
-        overrides.append(f"data.root={args.data}")
-    return load_config(args.config, overrides + list(args.overrides))
+    """Config file < preset (``--smoke``: raypipe/presets/smoke.yaml; neither --data nor --config:
+    laptop.yaml) < flags (typed values, never re-parsed) < dotted overrides."""
+    name = "smoke" if args.smoke else None if (args.data or args.config) else "laptop"
+    flags = {"tune.storage": args.storage, "tune.experiment": args.name,
+             "tune.max_concurrent_trials": args.max_concurrent_trials, "data.root": args.data}
+    overrides = {**(preset(name) if name else {}), **{k: v for k, v in flags.items() if v is not None},
+                 **parse_overrides(list(args.overrides))}
+    return load_config(args.config, overrides)
 
 
 def main(argv: list[str] | None = None) -> dict:

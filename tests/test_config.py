@@ -88,3 +88,19 @@ def test_trackers_are_checked_before_anything_runs():
         with pytest.raises(ConfigError, match=r"wandb needs the wandb package: pip install 'raypipe\[wandb\]'"):
             load_config(overrides=["tune.loggers=[wandb]"])
     assert load_config(overrides=["tune.loggers=[]"]).tune.loggers == []
+
+
+def test_main_job_presets_and_typed_flags():
+    """tune_margin.py: presets are YAML files shipped with the package; flags keep their type
+    (--name 007 stays '007'); dotted overrides beat the preset, the preset beats the defaults."""
+    from raypipe.config import PRESETS
+    from raypipe.tune import build_config, parse_args
+    smoke = build_config(parse_args(["--smoke", "--name", "007", "--storage", "s3://b/x", "teacher.epochs=3"]))
+    assert smoke.tune.experiment == "007" and smoke.tune.storage == "s3://b/x"
+    assert smoke.data.resolution == 16 and smoke.teacher.backbone == "resnet18" and smoke.teacher.epochs == 3
+    laptop = build_config(parse_args([]))
+    assert laptop.teacher.epochs == 30 and laptop.tune.teacher_trials == 4 and laptop.data.resolution == 32
+    plain = build_config(parse_args(["--data", "/d", "--max-concurrent-trials", "3"]))
+    assert plain.teacher.epochs == Config().teacher.epochs and plain.data.root == "/d"
+    assert plain.tune.max_concurrent_trials == 3
+    assert sorted(p.stem for p in PRESETS.glob("*.yaml")) == ["laptop", "smoke"]
