@@ -64,11 +64,14 @@ def _varying_params(analysis) -> list[str]:
     return sorted(k for k, v in seen.items() if len(v) > 1)
 
 
-def format_table(rows: list[dict], columns: list[str]) -> str:
+def format_table(rows: list[dict], columns: list[str], markdown: bool = False) -> str:
     def fmt(v):
         if isinstance(v, float):
             return "nan" if math.isnan(v) else f"{v:.4g}"
         return str(v)
+    if markdown:
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows])
     widths = [max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in columns] if rows else [len(c) for c in columns]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)) for r in rows]
@@ -162,8 +165,9 @@ def plot_importances(path: Path, stage: str, rows: list[dict], params: list[str]
 
 
 def show_results(experiment: str | Path, out_dir: str | Path | None = None) -> dict:
-    """Print the leaderboards of an experiment (local folder or URI) and write its plots to
-    ``out_dir`` (a local folder or URI; default: the experiment's ``plots``)."""
+    """Print the leaderboards of an experiment (local folder or URI), write its plots to ``out_dir``
+    (a local folder or URI; default: the experiment's ``plots``) and ``report.md`` (summary,
+    leaderboards, best parameters, plots) next to its ``summary.md``."""
     exp = Outputs(str(experiment))
     if not storage.is_dir(exp.location):
         raise FileNotFoundError(f"experiment folder not found: {exp.location}{storage.missing_hint(exp.location)}")
@@ -174,26 +178,34 @@ def show_results(experiment: str | Path, out_dir: str | Path | None = None) -> d
     plots_at = storage.normalize(out_dir) if out_dir else exp.path("plots")
     local_plots = Path(plots_at) if not storage.is_uri(plots_at) else Path(tempfile.mkdtemp(prefix="raypipe-plots-"))
     local_plots.mkdir(parents=True, exist_ok=True)
-    report = {}
+    # report.md links the plots relative to itself when they sit in the experiment's plots/
+    link_root = "plots" if plots_at == exp.path("plots") else plots_at
+    summary = storage.read_text(exp.path("summary.md")) if storage.is_file(exp.path("summary.md")) else ""
+    report, md = {}, [summary or f"# {storage.name(exp.location)} (no summary yet: the job has not finished)\n"]
     for stage, metric in STAGES.items():
         if stage not in started:
             print(f"== {stage}: not started")
+            md.append(f"## {stage}\n\nnot started\n")
             continue
         rows, params, curves, record = load_stage(exp, stage, metric)
         cols = ["trial", *(["final"] if stage == "stage3_final" else []), *params, "best", "last", "epochs", "status"]
         print(f"\n== {stage}: leaderboard by {metric} (best over epochs)")
         print(format_table(rows, cols))
+        md += [f"## {stage}: leaderboard by {metric} (best over epochs)\n", format_table(rows, cols, markdown=True), ""]
         if record.get("best_params"):
             nested: dict = {}
             for dotted, value in record["best_params"].items():
                 section, key = dotted.split(".", 1)
                 nested.setdefault(section, {})[key] = value
-            print(f"\n-- best parameters ({stage}, {metric} {record['best_metric']:.2f}), YAML:\n"
-                  + yaml.safe_dump(nested, sort_keys=False), end="")
+            best = yaml.safe_dump(nested, sort_keys=False)
+            print(f"\n-- best parameters ({stage}, {metric} {record['best_metric']:.2f}), YAML:\n" + best, end="")
+            md += [f"Best parameters ({metric} {record['best_metric']:.2f}):\n", "```yaml\n" + best + "```\n"]
         plots = plot_stage(local_plots, stage, metric, rows, params, curves)
+        md += [f"![{p.stem}]({join(link_root, p.name)})\n" for p in plots]
         report[stage] = {"rows": rows, "params": params, "plots": [join(plots_at, p.name) for p in plots]}
     storage.upload(local_plots, plots_at)
-    if storage.is_file(exp.path("summary.md")):
-        print("\n" + storage.read_text(exp.path("summary.md")))
-    print(f"plots: {plots_at}")
+    storage.write_text(exp.path("report.md"), "\n".join(md))
+    if summary:
+        print("\n" + summary)
+    print(f"plots: {plots_at}\nreport (leaderboards and plots): {exp.path('report.md')}")
     return report

@@ -151,6 +151,9 @@ def test_smoke_main_job_on_s3_killed_and_resumed_from_empty_disk_then_results(ra
     assert res.returncode == 0, res.stderr[-2000:]
     assert "stage1_teacher: leaderboard by knn_top1" in res.stdout and "teacher.margin" in res.stdout
     assert "TERMINATED" in res.stdout and f"plots: {exp}/plots" in res.stdout
+    report = storage.read_text(f"{exp}/report.md")   # summary, leaderboards and plots in one page
+    assert "| + 10-crop |" in report and "## stage1_teacher: leaderboard by knn_top1" in report
+    assert "![stage1_teacher_curves](plots/stage1_teacher_curves.png)" in report and "teacher:\n  margin:" in report
     for name in ("stage1_teacher_params.png", "stage1_teacher_curves.png", "stage1_teacher_importance.png",
                  "stage2_student_curves.png"):
         assert len(storage.read_bytes(f"{exp}/plots/{name}")) > 1000, name
