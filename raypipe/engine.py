@@ -615,12 +615,16 @@ def ensure_ray(**init_kwargs) -> None:
 
 # Ray's C++ components (raylet, GCS, core workers) log in glog format, e.g.
 # "[2026-11-29 19:47:42,055 E 21044 21044] (gcs_server) gcs_actor_scheduler.cc:538: ..."
-RAY_COMPONENT_LOG = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [IWEF] \d+ \d+\] ")
+# and the raylet warns about "N PYTHON worker processes have been started" when Ray Data tasks with
+# fractional CPUs start workers in bursts (expected here; nothing for the user to change).
+RAY_COMPONENT_LOG = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [IWEF] \d+ \d+\] "
+                               r"|.*PYTHON worker processes have been started on node")
 
 
 def hide_ray_component_logs() -> None:
-    """Drop Ray's own C++ log lines (e.g. an actor killed twice at shutdown, logged as an error)
-    from what the cluster streams to this driver; the job's own output and Python tracebacks pass.
+    """Drop Ray's own C++ log lines (e.g. an actor killed twice at shutdown, logged as an error) and
+    the raylet's worker start-up warning from what the cluster streams to this driver; the job's
+    own output, Python tracebacks and the raylet's other messages (e.g. OOM kills) pass.
     Hooks Ray's private log dispatcher (Ray is pinned < 2.61): if it moves, nothing is filtered."""
     try:
         from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher

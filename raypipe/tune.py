@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import shlex
 import shutil
@@ -239,18 +238,16 @@ def tracking_callbacks(cfg: Config, stage: str) -> list:
 
 
 def best_trial(grid, metric: str):
-    """Best trial by the best value it ever reported (ASHA-stopped trials included)."""
-    best, best_value = None, -math.inf
-    for result in grid:
-        df = result.metrics_dataframe
-        if df is None or metric not in df or df[metric].dropna().empty:
-            continue
-        value = float(df[metric].max())
-        if value > best_value:
-            best, best_value = result, value
-    if best is None:
+    """Best trial by the best value it ever reported (ASHA-stopped trials included): Tune's
+    ``get_best_result(scope="all")``; -> (its Result, that value)."""
+    try:
+        best = grid.get_best_result(metric=metric, mode="max", scope="all")
+    except RuntimeError as exc:
+        raise RuntimeError(f"no trial reported {metric!r}") from exc
+    df = best.metrics_dataframe
+    if df is None or metric not in df or df[metric].dropna().empty:
         raise RuntimeError(f"no trial reported {metric!r}")
-    return best, best_value
+    return best, float(df[metric].max())
 
 
 def _latest_state(train_storage: str) -> dict:

@@ -106,7 +106,12 @@ def test_ray_component_logs_are_hidden_from_the_driver_unless_verbose(ray_cluste
     from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
     internal = ("[2026-11-29 19:47:42,055 E 21044 21044] (gcs_server) gcs_actor_scheduler.cc:538: Failed to kill "
                 "actor 5211")
+    burst = ("WARNING: 8 PYTHON worker processes have been started on node: e3ea with address: 192.0.2.2, "
+             "which is 4x the maximum expected startup concurrency (2).")
+    oom = "A worker died or was killed while executing a task by an unexpected system error (OOM)."
     dispatcher.emit({"lines": [internal, "skipped 3 unreadable image(s)"], "pid": 1234, "is_err": True,
                      "ip": "127.0.0.1", "job": "01000000"})
-    err = capsys.readouterr().err
-    assert "skipped 3 unreadable image(s)" in err and "gcs_actor_scheduler.cc" not in err
+    dispatcher.emit({"lines": [burst, oom], "pid": "raylet", "is_err": False, "ip": "127.0.0.1", "job": ""})
+    out = capsys.readouterr()
+    assert "skipped 3 unreadable image(s)" in out.err and "gcs_actor_scheduler.cc" not in out.err
+    assert oom in out.out and "PYTHON worker processes" not in out.out
