@@ -97,6 +97,12 @@ def _explain(location: str, exc: Exception) -> str:
     return f"{location}: {text.strip()}{hint}"
 
 
+def location_of(filesystem, path: str) -> str:
+    """A (pyarrow filesystem, path) pair, e.g. a Ray Checkpoint's, as a location string."""
+    scheme = {"s3": "s3", "gcs": "gs"}.get(filesystem.type_name)
+    return f"{scheme}://{path}" if scheme else path
+
+
 def exists(location: str) -> bool:
     import pyarrow.fs as pafs
     return _info(location).type != pafs.FileType.NotFound

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import dist, engine
+from . import dist, engine, storage
 from .config import Config, ConfigError
 from .data import normalize, scan_dataset
 from .losses import ofd_distill_loss
@@ -177,7 +177,7 @@ def train_student(cfg: Config, teacher_path: str | Path | None = None, run_dir: 
     final = {"phase": s.mode, "epochs": len(history), **history[-1],
              "best_val_top1": max(h["val_top1"] for h in history),
              "model": run.publish("student.pt") if publish_model else str(run.local("student.pt")),
-             "skipped_images": skipped, "n_train": decoded["train"].count, "checkpoint": result.checkpoint.path}
+             "skipped_images": skipped, "n_train": decoded["train"].count, "checkpoint": storage.location_of(result.checkpoint.filesystem, result.checkpoint.path)}
     engine.write_run_outputs(run, final)
     return final
 

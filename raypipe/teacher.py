@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from . import dist, engine
+from . import dist, engine, storage
 from .config import Config, ConfigError
 from .data import normalize, scan_dataset
 from .evaluate import backbone_features, gather_outputs, knn_top1
@@ -123,6 +123,6 @@ def pretrain(cfg: Config, run_dir: Path | None = None, callbacks: list | None = 
     final = {"phase": "pretrain", "epochs": len(history), **history[-1],
              "best_knn_top1": max((h.get("knn_top1", 0.0) for h in history), default=0.0),
              "teacher": run.publish("teacher.pt") if publish_model else str(run.local("teacher.pt")),
-             "skipped_images": skipped, "n_train": n_train, "checkpoint": result.checkpoint.path}
+             "skipped_images": skipped, "n_train": n_train, "checkpoint": storage.location_of(result.checkpoint.filesystem, result.checkpoint.path)}
     engine.write_run_outputs(run, final)
     return final
