@@ -606,9 +606,9 @@ def ensure_ray(**init_kwargs) -> None:
             init_kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="ERROR"))  # the job's workers
             init_kwargs.setdefault("logging_level", logging.WARNING)
         os.environ.update(job_env)  # a local cluster's raylet and workers inherit these too
-        ray.init(log_to_driver=True, runtime_env=runtime_env, **init_kwargs)
         if not verbose():
             hide_ray_component_logs()
+        ray.init(log_to_driver=True, runtime_env=runtime_env, **init_kwargs)
     quiet_ray_data()
     hide_internal_deprecations()
 
@@ -623,26 +623,24 @@ RAY_COMPONENT_LOG = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [IWEF] \d
 
 def hide_ray_component_logs() -> None:
     """Drop Ray's own C++ log lines (e.g. an actor killed twice at shutdown, logged as an error) and
-    the raylet's worker start-up warning from what the cluster streams to this driver; the job's
-    own output, Python tracebacks and the raylet's other messages (e.g. OOM kills) pass.
-    Hooks Ray's private log dispatcher (Ray is pinned < 2.61): if it moves, nothing is filtered."""
+    the raylet's worker start-up warning from what the cluster sends to this driver (worker logs and
+    errors pushed to the driver); the job's own output, Python tracebacks and the raylet's other
+    messages (e.g. OOM kills) pass. Wraps Ray's private ``print_to_stdstream`` (Ray is pinned
+    < 2.61; if it moves, nothing is filtered); call before ``ray.init``, which binds it."""
     try:
-        from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
-        handlers = dispatcher.handlers
+        from ray._private import worker
+        show = worker.print_to_stdstream
     except (ImportError, AttributeError):
         return
+    if getattr(show, "raypipe_filter", False):
+        return
 
-    def drop_component_lines(handler):
-        def filtered(data: dict) -> None:
-            lines = [line for line in data.get("lines", []) if not RAY_COMPONENT_LOG.match(line)]
-            if lines:
-                handler({**data, "lines": lines})
-        filtered.raypipe_filter = True
-        return filtered
-
-    with dispatcher._lock:
-        dispatcher.handlers = [(name, h if getattr(h, "raypipe_filter", False) else drop_component_lines(h))
-                               for name, h in handlers]
+    def filtered(data: dict, ignore_prefix: bool) -> None:
+        lines = [line for line in data.get("lines", []) if not RAY_COMPONENT_LOG.match(line)]
+        if lines:
+            show({**data, "lines": lines}, ignore_prefix)
+    filtered.raypipe_filter = True
+    worker.print_to_stdstream = filtered
 
 
 def hide_internal_deprecations() -> None:
