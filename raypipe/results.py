@@ -6,7 +6,6 @@ interrupted experiment, on the head node or on a copy fetched with ``ray rsync-d
 from __future__ import annotations
 
 import math
-import tempfile
 from pathlib import Path
 
 import yaml
@@ -175,9 +174,9 @@ def show_results(experiment: str | Path, out_dir: str | Path | None = None) -> d
     if not started:
         raise FileNotFoundError(f"{exp.location} is not a tune_margin experiment: none of {', '.join(STAGES)} is "
                                 f"in it (pass the folder that holds summary.md, e.g. runs/tune_margin)")
-    plots_at = storage.normalize(out_dir) if out_dir else exp.path("plots")
-    local_plots = Path(plots_at) if not storage.is_uri(plots_at) else Path(tempfile.mkdtemp(prefix="raypipe-plots-"))
-    local_plots.mkdir(parents=True, exist_ok=True)
+    plots = Outputs(str(out_dir) if out_dir else exp.path("plots"))
+    plots.scratch.mkdir(parents=True, exist_ok=True)
+    plots_at = plots.location
     # report.md links the plots relative to itself when they sit in the experiment's plots/
     link_root = "plots" if plots_at == exp.path("plots") else plots_at
     summary = storage.read_text(exp.path("summary.md")) if storage.is_file(exp.path("summary.md")) else ""
@@ -200,10 +199,10 @@ def show_results(experiment: str | Path, out_dir: str | Path | None = None) -> d
             best = yaml.safe_dump(nested, sort_keys=False)
             print(f"\n-- best parameters ({stage}, {metric} {record['best_metric']:.2f}), YAML:\n" + best, end="")
             md += [f"Best parameters ({metric} {record['best_metric']:.2f}):\n", "```yaml\n" + best + "```\n"]
-        plots = plot_stage(local_plots, stage, metric, rows, params, curves)
-        md += [f"![{p.stem}]({join(link_root, p.name)})\n" for p in plots]
-        report[stage] = {"rows": rows, "params": params, "plots": [join(plots_at, p.name) for p in plots]}
-    storage.upload(local_plots, plots_at)
+        pngs = plot_stage(plots.scratch, stage, metric, rows, params, curves)
+        md += [f"![{p.stem}]({join(link_root, p.name)})\n" for p in pngs]
+        report[stage] = {"rows": rows, "params": params, "plots": [plots.path(p.name) for p in pngs]}
+    plots.publish()
     storage.write_text(exp.path("report.md"), "\n".join(md))
     if summary:
         print("\n" + summary)
