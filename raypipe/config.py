@@ -118,6 +118,8 @@ class TeacherConfig(OptimConfig):
     proj_dim: int = opt(128, lo=1)
     bn_splits: int = opt(2, lo=1, doc="one worker: BN of both encoders over this many groups of the batch, "
                          "keys shuffled (MoCo's split BN; its CIFAR demo: 8 groups of 64)")
+    crop_min_scale: float = opt(0.2, lo=0.0, hi=1.0, lo_open=True, doc="views' random-resized-crop scale (x, 1)")
+    blur_prob: float = opt(0.5, lo=0.0, hi=1.0, doc="views' Gaussian blur probability")
     knn_k: int = opt(200, lo=1)
     knn_t: float = opt(0.1, lo=0.0, lo_open=True)
     knn_every: int = opt(1, lo=1, doc="k-NN monitor every N epochs (and the last)")

@@ -287,15 +287,15 @@ def _blur_kernel(resolution: int) -> int:
     return max(3, int(0.1 * resolution) // 2 * 2 + 1)
 
 
-def moco_view_transform(resolution: int):
-    """MoCo v2 "aug+" on a uint8 CHW tensor."""
+def moco_view_transform(resolution: int, min_scale: float = 0.2, blur_prob: float = 0.5):
+    """MoCo v2 "aug+" on a uint8 CHW tensor (its defaults: crop scale (0.2, 1), blur p 0.5)."""
     from torchvision.transforms import v2
 
     return v2.Compose([
-        v2.RandomResizedCrop(resolution, scale=(0.2, 1.0), antialias=True),
+        v2.RandomResizedCrop(resolution, scale=(min_scale, 1.0), antialias=True),
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([v2.GaussianBlur(_blur_kernel(resolution), sigma=(0.1, 2.0))], p=0.5),
+        v2.RandomApply([v2.GaussianBlur(_blur_kernel(resolution), sigma=(0.1, 2.0))], p=blur_prob),
         v2.RandomHorizontalFlip(),
     ])
 
@@ -334,9 +334,9 @@ def _chw(batch_img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(batch_img, copy=True)).permute(0, 3, 1, 2)
 
 
-def augment_two_views(batch: dict, resolution: int) -> dict:
+def augment_two_views(batch: dict, resolution: int, min_scale: float = 0.2, blur_prob: float = 0.5) -> dict:
     _fresh_rng()
-    t = moco_view_transform(resolution)
+    t = moco_view_transform(resolution, min_scale, blur_prob)
     images = _chw(batch["img"])
     v1 = torch.stack([t(im) for im in images])
     v2_ = torch.stack([t(im) for im in images])

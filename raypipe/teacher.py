@@ -110,7 +110,8 @@ def pretrain(cfg: Config, run_dir: Path | None = None, callbacks: list | None = 
     if n_train < global_batch:
         raise ConfigError(f"only {n_train} decodable training images: fewer than one global batch "
                           f"(teacher.batch_size x resources.num_workers)")
-    datasets = {"train": with_view(decoded["train"], "moco", cfg.data, shuffle=True),
+    datasets = {"train": with_view(decoded["train"], "moco", cfg.data, shuffle=True,
+                                   min_scale=cfg.teacher.crop_min_scale, blur_prob=cfg.teacher.blur_prob),
                 "bank": with_view(decoded["train"], "eval", cfg.data),
                 "val": with_view(decoded["val"], "eval", cfg.data)}
     meta = {"n_train": n_train, "num_classes": len(index["train"].classes), "print_epochs": print_epochs,
