@@ -74,7 +74,7 @@ def main():
     p.add_argument("--out", default="bench/data_path.json")
     args = p.parse_args()
     from raypipe.demo import make_demo_data
-    from raypipe.engine import ensure_ray
+    from raypipe.cluster import ensure_ray
 
     demo = Path(f"/tmp/raypipe_bench_demo_{args.demo_per_class}")
     if not (demo / "train").is_dir():

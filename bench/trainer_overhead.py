@@ -17,26 +17,30 @@ from pathlib import Path
 
 import torch
 
-from raypipe import engine
+from raypipe import plugins
+from raypipe.checkpoints import final_state
+from raypipe.cluster import ensure_ray
 from raypipe.config import load_config
 from raypipe.data import decode_split, normalize, scan_dataset, with_view
-from raypipe.teacher import build_model, contrastive_step, train_loop
+from raypipe.loop import make_runtime, make_sgd, scaled_lr
+from raypipe.phase import prepare_run, run_trainer
+from raypipe.teacher import build_method, train_loop
 
 
 def plain_loop(cfg, dataset, epochs):
     torch.manual_seed(0)
     t = cfg.teacher
-    model = build_model(cfg)
-    rt = engine.make_runtime(cfg.resources, t.seed)
+    method = build_method(cfg)
+    model = method.model
+    rt = make_runtime(cfg.resources, t.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = engine.make_sgd(params, t, engine.scaled_lr(t, 1))
+    opt = make_sgd(params, t, scaled_lr(t, 1))
     times = []
     for _ in range(epochs):
         start = time.perf_counter()
         model.train()
         for batch in dataset.iter_torch_batches(batch_size=t.batch_size, drop_last=True):
-            loss, _, _ = contrastive_step(model, model, normalize(batch["view1"]), normalize(batch["view2"]),
-                                          t.margin, t.temperature, rt)  # the phase's own step
+            loss, _ = method.training_step(model, normalize(batch["view1"]), normalize(batch["view2"]), rt)  # the phase's own step
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -59,7 +63,7 @@ def main():
         "resources.cpus_per_worker=1", "teacher.backbone=resnet18", f"teacher.epochs={args.epochs}",
         "teacher.batch_size=32", "teacher.queue_size=128", f"teacher.knn_every={args.epochs + 1}",
         "name=bench_trainer", "output_dir=/tmp/raypipe_bench_runs"])
-    engine.ensure_ray(num_cpus=2)
+    ensure_ray(num_cpus=2)
     index = scan_dataset(cfg.data, ("train", "val"))
     decoded = {s: decode_split(index[s], cfg.data) for s in ("train", "val")}
     train = with_view(decoded["train"], "moco", cfg.data, shuffle=True)
@@ -69,14 +73,15 @@ def main():
     plain_wall = time.perf_counter() - start
     import shutil
     shutil.rmtree("/tmp/raypipe_bench_runs", ignore_errors=True)
-    run = engine.prepare_run(cfg)
+    run = prepare_run(cfg)
     datasets = {"train": train, "bank": with_view(decoded["train"], "eval", cfg.data),
                 "val": with_view(decoded["val"], "eval", cfg.data)}
     meta = {"n_train": decoded["train"].count, "num_classes": len(index["train"].classes)}
     start = time.perf_counter()
-    result = engine.run_trainer(train_loop, cfg, {"cfg": cfg.to_dict(), "meta": meta}, datasets, run)
+    result = run_trainer(train_loop, cfg, {"cfg": cfg.to_dict(), "meta": meta, "plugins": plugins.selected(cfg)},
+                         datasets, run)
     train_wall = time.perf_counter() - start
-    history = engine.final_state(result)["history"]
+    history = final_state(result)["history"]
     n = decoded["train"].count
     train_epoch = [n / h["images_per_s"] for h in history]  # each epoch's own timer (train steps)
     steady_plain = sum(plain[1:]) / len(plain[1:])

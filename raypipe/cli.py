@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from .config import AVERAGES, PROBE_LRS, ConfigError, load_config, set_verbose
+from .config import AVERAGES, PROBE_LRS, ConfigError, load_config, parse_overrides, set_verbose
 
 # torch, Ray and the phase modules are imported by the commands that use them: `--help` stays fast.
 
@@ -18,11 +18,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="also print Ray's own logs (INFO and up)")
 
 
-def _load(args, extra: list[str] | None = None):
-    overrides = list(extra or [])
-    if getattr(args, "data", None):
-        overrides.insert(0, f"data.root={args.data}")
-    return load_config(args.config, overrides + list(args.overrides))
+def _load(args, flags: dict | None = None):
+    """The config file + the command's flags (typed values at dotted keys, never re-parsed) + the
+    ``key=value`` overrides, which win."""
+    typed = {"data.root": args.data} if getattr(args, "data", None) else {}
+    typed.update({k: v for k, v in (flags or {}).items() if v is not None})
+    return load_config(args.config, {**typed, **parse_overrides(list(args.overrides))})
 
 
 def cmd_demo_data(args) -> None:
@@ -53,7 +54,7 @@ def cmd_config(args) -> None:
 
 def cmd_pretrain(args) -> None:
     from .teacher import pretrain
-    cfg = _load(args, [f"name={args.name}"] if args.name else None)
+    cfg = _load(args, {"name": args.name})
     final = pretrain(cfg)
     print(json.dumps({k: final[k] for k in ("epochs", "loss", "knn_top1", "best_knn_top1", "teacher",
                                             "skipped_images") if k in final}, indent=2))
@@ -61,8 +62,7 @@ def cmd_pretrain(args) -> None:
 
 def cmd_distill(args) -> None:
     from .student import train_student
-    extra = ([f"student.mode={args.mode}"] if args.mode else []) + ([f"name={args.name}"] if args.name else [])
-    cfg = _load(args, extra)
+    cfg = _load(args, {"student.mode": args.mode, "name": args.name})
     final = train_student(cfg, args.teacher)
     print(json.dumps({k: final[k] for k in ("phase", "epochs", "val_top1", "best_val_top1", "model",
                                             "skipped_images") if k in final}, indent=2))
@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("distill", help="phase 2: OFD student (or the supervised / fine-tune baselines)")
     s.add_argument("data", help="data set root: split folders (train/ val/ test/) of class folders, or Parquet; local or s3://")
     s.add_argument("--teacher", help="teacher.pt from `raypipe pretrain` (not needed for --mode supervised)")
-    s.add_argument("--mode", choices=("distill", "finetune", "supervised"),
-                   help="overrides student.mode of the config (default there: distill)")
+    s.add_argument("--mode", metavar="MODE",
+                   help="overrides student.mode: distill (OFD), finetune, supervised, or a registered distiller")
     s.add_argument("--name")
     _config_args(s)
     s.set_defaults(fn=cmd_distill)
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "verbose", False):
         set_verbose(True)
     from .data import DataError
-    from .engine import CheckpointError
+    from .checkpoints import CheckpointError
     try:
         args.fn(args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:

@@ -61,6 +61,9 @@ class DataConfig:
     strict: bool = opt(False, doc="raise on unreadable images instead of skipping them")
     cpus_per_task: float = opt(0.25, lo=0.01, hi=64, doc="CPUs each Ray Data decode/augment task asks for")
     aug_batch_size: int = opt(64, lo=1, doc="images per Ray Data augmentation batch")
+    augment_on: str = opt("auto", choices=("auto", "cpu", "device"),
+                          doc="where training views are made: Ray Data CPU tasks per image, or the training "
+                              "device per batch (kornia); auto = device when training on GPUs")
     shuffle_buffer: int = opt(1024, lo=0, doc="local shuffle buffer (rows) when iterating train batches")
 
     def stored_size(self) -> int:
@@ -108,6 +111,7 @@ class OptimConfig:
 class TeacherConfig(OptimConfig):
     """Phase 1: MoCo v2 with the margin loss."""
 
+    method: str = opt("moco", doc="phase-1 method, a name in raypipe.methods.METHODS (moco: MoCo v2 + margin loss)")
     epochs: int = opt(200, lo=1)
     lr: float = opt(0.03, lo=0.0, lo_open=True)
     margin: float = opt(0.4, lo=0.0, hi=2.0, doc="subtracted from the positive logit")
@@ -129,7 +133,8 @@ class TeacherConfig(OptimConfig):
 class StudentConfig(OptimConfig):
     """Phase 2: OFD self-distillation (or its supervised / fine-tune baselines)."""
 
-    mode: str = opt("distill", choices=("distill", "finetune", "supervised"))
+    mode: str = opt("distill", doc="phase-2 distiller, a name in raypipe.distillers.DISTILLERS: distill (OFD), "
+                    "finetune (CE from the teacher's weights), supervised (CE from random weights)")
     epochs: int = opt(100, lo=1)
     lr: float = opt(0.1, lo=0.0, lo_open=True)
     nesterov: bool = opt(True)
@@ -194,6 +199,10 @@ class Config:
         """Images per optimiser step over all workers (the queue and lr rules are stated in it)."""
         return getattr(self, phase).batch_size * max(1, self.resources.num_workers)
 
+    def max_queue_size(self, n_train: int) -> int:
+        """The longest queue (K) ``n_train`` images fill without duplicates: whole global batches."""
+        return n_train // self.global_batch("teacher") * self.global_batch("teacher")
+
     # ---- conversions -------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -236,6 +245,33 @@ def field_type(key: str):
             return None
         node = hints[part]
     return node
+
+
+def get_dotted(raw: dict, key: str, default: Any = None) -> Any:
+    """``raw["teacher"]["margin"]`` for ``key="teacher.margin"`` (``default`` where missing)."""
+    node = raw
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def nest(dotted: dict[str, Any]) -> dict:
+    """``{"teacher.margin": 0.3}`` -> ``{"teacher": {"margin": 0.3}}``."""
+    out: dict = {}
+    for key, value in dotted.items():
+        *sections, name = key.split(".")
+        node = out
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+    return out
+
+
+def flat_key(key: str) -> str:
+    """A dotted key as Tune spells it in flattened configs and ``points_to_evaluate``: teacher/margin."""
+    return key.replace(".", "/")
 
 
 def set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -386,6 +422,8 @@ def validate(cfg: Config) -> None:
         if importlib.util.find_spec(TRACKERS[logger]) is None:
             raise ConfigError(f"tune.loggers: {logger} needs the {TRACKERS[logger]} package: "
                               f"pip install 'raypipe[{logger}]'")
+    from . import plugins
+    plugins.check(cfg)
     if "/" in cfg.name or not cfg.name:
         raise ConfigError(f"name={cfg.name!r} must be a non-empty folder name without '/'")
 

@@ -283,7 +283,8 @@ def decode_split(index: SplitIndex, cfg: DataConfig) -> DecodedSplit:
 
 
 # ---- augmentation (torchvision v2) --------------------------------------------------
-def _blur_kernel(resolution: int) -> int:
+def blur_kernel(resolution: int) -> int:
+    """Gaussian blur kernel of the MoCo v2 views: ~10% of the image side, odd, >= 3."""
     return max(3, int(0.1 * resolution) // 2 * 2 + 1)
 
 
@@ -295,7 +296,7 @@ def moco_view_transform(resolution: int, min_scale: float = 0.2, blur_prob: floa
         v2.RandomResizedCrop(resolution, scale=(min_scale, 1.0), antialias=True),
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([v2.GaussianBlur(_blur_kernel(resolution), sigma=(0.1, 2.0))], p=blur_prob),
+        v2.RandomApply([v2.GaussianBlur(blur_kernel(resolution), sigma=(0.1, 2.0))], p=blur_prob),
         v2.RandomHorizontalFlip(),
     ])
 
@@ -373,8 +374,11 @@ DETERMINISTIC_VIEWS = ("eval", "ten_crop")
 
 
 def with_view(decoded: DecodedSplit, view: str, cfg: DataConfig, shuffle: bool = False, **kwargs):
-    """The Ray Data dataset of one view over a decoded split (re-executed every epoch)."""
+    """The Ray Data dataset of one view over a decoded split (re-executed every epoch); view
+    ``decoded``: the decoded uint8 images as they are, for views made on the training device."""
     ds = decoded.dataset.randomize_block_order() if shuffle else decoded.dataset
+    if view == "decoded":
+        return ds.select_columns(["img", "label", "idx"])
     ds = ds.map_batches(VIEWS[view], fn_kwargs={"resolution": cfg.resolution, **kwargs},
                         batch_format="numpy", batch_size=cfg.aug_batch_size, num_cpus=cfg.cpus_per_task)
     # Deterministic views are computed once; random ones re-run every epoch (fresh views).

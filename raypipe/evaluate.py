@@ -191,7 +191,7 @@ def evaluate_models(data_cfg, split: str, model_paths: list[str], ten_crop: bool
     """One model or an ensemble (logits or probabilities averaged, optional weights), with or without 10-crop,
     on a labelled split (JSON report + confusion PNG in ``out_dir``, unless None) or an
     unlabelled one (submission CSV)."""
-    from . import engine
+    from .cluster import ensure_ray
     from .data import decode_split, scan_split, with_view
     from .student import load_classifier
 
@@ -204,7 +204,7 @@ def evaluate_models(data_cfg, split: str, model_paths: list[str], ten_crop: bool
             raise ValueError(f"{path} was trained on other classes than {model_paths[0]}")
     split_name = {"train": data_cfg.train_split, "val": data_cfg.val_split, "test": data_cfg.test_split}.get(split, split)
     index = scan_split(data_cfg.root, split_name, classes=classes)
-    engine.ensure_ray()
+    ensure_ray()
     decoded = decode_split(index, data_cfg)
     ds = with_view(decoded, "ten_crop" if ten_crop else "eval", data_cfg)
     device = _device()
@@ -248,7 +248,7 @@ def probe_teacher(data_cfg, teacher: str | dict, splits: tuple[str, ...] = ("val
     """Frozen phase-1 teacher on each split: linear probe (lr chosen on val) and weighted k-NN,
     both fit on train. ``teacher``: a teacher file, or an architecture dict (``arch_of``) for
     random weights drawn with ``seed``."""
-    from . import engine
+    from .cluster import ensure_ray
     from .data import decode_split, scan_dataset, with_view
     from .models import build_backbone
     from .student import load_exported
@@ -260,7 +260,7 @@ def probe_teacher(data_cfg, teacher: str | dict, splits: tuple[str, ...] = ("val
     else:
         net, _ = load_exported(teacher, "teacher")
     index = scan_dataset(data_cfg, tuple(dict.fromkeys(("train", "val", *splits))))
-    engine.ensure_ray()
+    ensure_ray()
     device = _device()
     net = net.to(device)
     feats = {}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ray.tune import Callback
 
+from .config import get_dotted
+
 EPOCH_METRICS = ("loss", "knn_top1", "ce", "distill", "val_top1", "images_per_s")
 
 
@@ -13,19 +15,12 @@ def fmt(value) -> str:
     return str(value)
 
 
-def nested(config: dict, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        node = node.get(part, {}) if isinstance(node, dict) else {}
-    return node if node != {} else None
-
-
 def role(config: dict, params: list[str]) -> str:
     """Stage 3 trials are named by their member (supervised, finetune, distill_0, ...); searched
     trials by the values of their searched keys (``margin 0.44 temperature 0.29 queue_size 128``)."""
     if "final" in config:
         return str(config["final"])
-    return " ".join(f"{p.split('.')[-1]} {fmt(nested(config, p))}" for p in params)
+    return " ".join(f"{p.split('.')[-1]} {fmt(get_dotted(config, p))}" for p in params)
 
 
 class TrialProgress(Callback):

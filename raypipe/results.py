@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from . import storage
+from .config import get_dotted, nest
 from .progress import role
 from .storage import Outputs, join
 
@@ -34,7 +35,7 @@ def load_stage(exp: Outputs, stage: str, metric: str):
                "best": float(values.max()) if len(values) else math.nan,
                "last": float(values.iloc[-1]) if len(values) else math.nan, "epochs": int(len(values))}
         for p in params:
-            row[p] = _get(trial.config, p)
+            row[p] = get_dotted(trial.config, p)
         if "final" in trial.config:
             row["final"] = trial.config["final"]
         row["role"] = role(trial.config, params)
@@ -43,13 +44,6 @@ def load_stage(exp: Outputs, stage: str, metric: str):
             curves[row["role"] if row["role"] not in curves else f"{row['role']} ({trial.trial_id})"] = df
     rows.sort(key=lambda r: -r["best"] if not math.isnan(r["best"]) else math.inf)
     return rows, params, curves, record
-
-
-def _get(config: dict, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
 
 
 def _varying_params(analysis) -> list[str]:
@@ -77,30 +71,36 @@ def format_table(rows: list[dict], columns: list[str], markdown: bool = False) -
     return "\n".join(lines)
 
 
-def plot_stage(out_dir: Path, stage: str, metric: str, rows: list[dict], params: list[str], curves: dict) -> list[Path]:
+def stored_study(exp: Outputs, stage: str):
+    """The Optuna study of a stage as its searcher kept it: Tune saves ``OptunaSearch``'s state
+    (``searcher-state-*.pkl``, the study with every trial's parameters, intermediate and final
+    values) into the stage's folder in storage. None for a grid stage or before the first save."""
+    import tempfile
+
+    from ray.tune.search.optuna import OptunaSearch
+
+    states = sorted(n for n, is_dir in storage.list_dir(exp.path(stage))
+                    if not is_dir and n.startswith("searcher-state-") and n.endswith(".pkl"))
+    if not states:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / states[-1]
+        local.write_bytes(storage.read_bytes(exp.path(stage, states[-1])))
+        searcher = OptunaSearch()
+        searcher.restore(str(local))
+    return getattr(searcher, "_ot_study", None)  # OptunaSearch keeps its study here (Ray < 2.61 is pinned)
+
+
+def plot_stage(out_dir: Path, stage: str, metric: str, curves: dict, study=None) -> list[Path]:
+    """Learning curves named by role; with the stage's Optuna study, Optuna's own plots of it:
+    the searched parameters against the objective (slice) and their importances (fANOVA)."""
+    import warnings
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    if params:
-        fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.5), squeeze=False)
-        for ax, p in zip(axes[0], params):
-            xs = [r[p] for r in rows if r.get(p) is not None and not math.isnan(r["best"])]
-            ys = [r["best"] for r in rows if r.get(p) is not None and not math.isnan(r["best"])]
-            ax.scatter(xs, ys)
-            ax.set_xlabel(p)
-            ax.set_ylabel(f"best {metric}")
-            if p.endswith(("temperature", "distill_weight", ".lr")):
-                from matplotlib.ticker import LogLocator, NullFormatter
-                ax.set_xscale("log")
-                ax.xaxis.set_major_locator(LogLocator(numticks=4))
-                ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short ranges
-        fig.suptitle(f"{stage}: {metric} against each searched parameter")
-        fig.tight_layout()
-        written.append(out_dir / f"{stage}_params.png")
-        fig.savefig(written[-1], dpi=90)
-        plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, df in curves.items():  # named by role: supervised, distill_0, margin 0.4 temperature 0.2 ...
         ax.plot(df["training_iteration"], df[metric], marker="o", label=name)
@@ -113,54 +113,33 @@ def plot_stage(out_dir: Path, stage: str, metric: str, rows: list[dict], params:
     written.append(out_dir / f"{stage}_curves.png")
     fig.savefig(written[-1], dpi=90, metadata={"Description": "legend: " + " | ".join(curves)})
     plt.close(fig)
-    if params:
-        written.append(plot_importances(out_dir / f"{stage}_importance.png", stage, rows, params))
-    return written
-
-
-def param_importances(rows: list[dict], params: list[str]) -> dict[str, float]:
-    """Optuna's fANOVA importances from the finished trials (needs a few trials)."""
+    if study is None:
+        return written
     import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.visualization import matplotlib as ov
 
-    done = [r for r in rows if not math.isnan(r["best"]) and all(r.get(p) is not None for p in params)]
-    if len(done) < 2:
-        raise ValueError(f"parameter importances need at least 2 trials with results, have {len(done)}")
-    dists = {}
-    for p in params:
-        values = [r[p] for r in done]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) and \
-                not all(isinstance(v, int) for v in values):
-            lo, hi = min(values), max(values)
-            dists[p] = FloatDistribution(lo, hi if hi > lo else lo + 1e-12)
-        else:
-            dists[p] = CategoricalDistribution(sorted(set(values)))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize")
-    for r in done:
-        study.add_trial(optuna.trial.create_trial(params={p: r[p] for p in params}, distributions=dists,
-                                                  value=r["best"]))
-    return optuna.importance.get_param_importances(study)
-
-
-def plot_importances(path: Path, stage: str, rows: list[dict], params: list[str]) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 1 + 0.6 * len(params)))
-    try:
-        imp = param_importances(rows, params)
-        ax.barh(list(imp), list(imp.values()))
-        ax.set_xlabel("importance (Optuna fANOVA)")
-    except Exception as exc:  # too few or degenerate trials: say so in the figure
-        ax.text(0.5, 0.5, f"importances unavailable:\n{exc}", ha="center", va="center", wrap=True)
-        ax.set_axis_off()
-    ax.set_title(f"{stage}: parameter importances")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    for name, plot in (("params", ov.plot_slice), ("importance", ov.plot_param_importances)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
+            try:
+                ax = plot(study)
+            except Exception as exc:  # e.g. importances of fewer than 2 finished trials: say so in the figure
+                fig, ax = plt.subplots(figsize=(6, 2))
+                ax.text(0.5, 0.5, f"{name} unavailable: {exc}", ha="center", va="center", wrap=True)
+                ax.set_axis_off()
+        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
+        for each in fig.axes:
+            if each.get_xscale() == "log":  # minor tick labels of a short log range overlap: 3 plain ones
+                from matplotlib.ticker import FormatStrFormatter, MaxNLocator, NullLocator
+                each.xaxis.set_major_locator(MaxNLocator(3))
+                each.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+                each.xaxis.set_minor_locator(NullLocator())
+        fig.suptitle(f"{stage}: {metric} (Optuna study of the search)", fontsize=9)
+        written.append(out_dir / f"{stage}_{name}.png")
+        fig.savefig(written[-1], dpi=90, bbox_inches="tight")
+        plt.close(fig)
+    return written
 
 
 def show_results(experiment: str | Path, out_dir: str | Path | None = None) -> dict:
@@ -192,14 +171,10 @@ def show_results(experiment: str | Path, out_dir: str | Path | None = None) -> d
         print(format_table(rows, cols))
         md += [f"## {stage}: leaderboard by {metric} (best over epochs)\n", format_table(rows, cols, markdown=True), ""]
         if record.get("best_params"):
-            nested: dict = {}
-            for dotted, value in record["best_params"].items():
-                section, key = dotted.split(".", 1)
-                nested.setdefault(section, {})[key] = value
-            best = yaml.safe_dump(nested, sort_keys=False)
+            best = yaml.safe_dump(nest(record["best_params"]), sort_keys=False)
             print(f"\n-- best parameters ({stage}, {metric} {record['best_metric']:.2f}), YAML:\n" + best, end="")
             md += [f"Best parameters ({metric} {record['best_metric']:.2f}):\n", "```yaml\n" + best + "```\n"]
-        pngs = plot_stage(plots.scratch, stage, metric, rows, params, curves)
+        pngs = plot_stage(plots.scratch, stage, metric, curves, stored_study(exp, stage) if params else None)
         md += [f"![{p.stem}]({join(link_root, p.name)})\n" for p in pngs]
         report[stage] = {"rows": rows, "params": params, "plots": [plots.path(p.name) for p in pngs]}
     plots.publish()

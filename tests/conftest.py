@@ -81,7 +81,7 @@ def ray_cluster(s3_server):
     """One local Ray for the whole session, 2 CPUs, dashboard on (Tune's early-stop cleanup needs it).
     Started after the S3 server, so its workers get the S3 endpoint and credentials."""
     import ray
-    from raypipe.engine import ensure_ray
+    from raypipe.cluster import ensure_ray
     # workers import helpers defined in test modules (e.g. a custom train loop) from tests/
     ensure_ray(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
     yield ray

@@ -170,7 +170,7 @@ def project_problems(cfg: dict, text: str, lock_text: str | None = None) -> list
         if py and not supported.contains(f"3.{py.group(1)}"):
             problems.append(f"image {image}: Python 3.{py.group(1)} is outside requires-python {supported}")
 
-    # trial drivers (spawned by the raylet) must see RAYPIPE_AUTOSCALING=1 (engine.check_cluster_can_fit);
+    # trial drivers (spawned by the raylet) must see RAYPIPE_AUTOSCALING=1 (cluster.check_cluster_can_fit);
     # every node runs with Ray's token authentication, the token shipped from outside the repository
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = [c for c in cfg.get(key, []) if "ray start" in c]
@@ -181,7 +181,7 @@ def project_problems(cfg: dict, text: str, lock_text: str | None = None) -> list
         problems.append("file_mounts must ship the local ~/.ray/auth_token to /home/ray/.ray/auth_token")
 
     # trial drivers are pinned to the head (tune.DRIVER_RESOURCE), never to GPU nodes
-    from raypipe.tune import DRIVER_RESOURCE
+    from raypipe.search import DRIVER_RESOURCE
     carriers = sorted(n for n, t in types.items() if t.get("resources", {}).get(DRIVER_RESOURCE))
     if carriers != [head]:
         problems.append(f"only the head may carry {DRIVER_RESOURCE}; it is on {carriers}")
@@ -439,8 +439,8 @@ def test_documented_config_keys_exist():
 # ---- an autoscaling cluster: what it can grow to, not what is up now ----------------
 def test_concurrency_and_gpus_follow_what_the_autoscaler_can_launch(monkeypatch):
     from raypipe.config import load_config
-    from raypipe.engine import autoscaler_capacity, resolve_use_gpu
-    from raypipe.tune import trial_concurrency
+    from raypipe.cluster import autoscaler_capacity, resolve_use_gpu
+    from raypipe.search import trial_concurrency
 
     capacity = autoscaler_capacity(str(CLUSTER_YAML))
     # global max_workers 8: 4 x gpu_4x (its max), then 4 x gpu_1x; plus the head

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raypipe.config import load_config
-from raypipe.engine import lr_at, optimizer_step, scaled_lr
+from raypipe.loop import lr_at, optimizer_step, scaled_lr
 
 
 def test_lr_scales_with_the_global_batch_warms_up_linearly_then_follows_the_schedule():
@@ -56,15 +56,15 @@ def _two_rank_state(rank: int, port: int, out: dict) -> None:
     import torch.distributed as tdist
 
     from raypipe import dist
-    from raypipe.engine import Runtime, wrap_ddp
-    from raypipe.teacher import build_model
+    from raypipe.loop import Runtime, wrap_ddp
+    from raypipe.teacher import build_method
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(100 + rank)   # each worker seeds differently (seed + rank), as make_runtime does
     cfg = load_config(overrides=["teacher.queue_size=8", "teacher.proj_hidden=16", "teacher.proj_dim=4",
                                  "teacher.batch_size=4", "resources.num_workers=2"])
-    model = build_model(cfg, world_size=2)
+    model = build_method(cfg, world_size=2).model
     net = wrap_ddp(model, Runtime(torch.device("cpu"), None, False, 2, rank))
     queue_at_start = model.queue.clone()
     model.train()

@@ -53,7 +53,7 @@ def test_report_counts():
 
 @pytest.fixture
 def classifier_file(tmp_path, tiny_config):
-    from raypipe.engine import save_model_file
+    from raypipe.checkpoints import save_model_file
     net = models(1)[0]
     cfg = tiny_config()
     return save_model_file(tmp_path / "m.pt", "classifier", net.state_dict(), cfg,

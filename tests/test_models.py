@@ -7,8 +7,15 @@ import torch.nn.functional as F
 
 from raypipe.config import load_config
 from raypipe.losses import ofd_distill_loss
-from raypipe.models import MoCo, FrozenTeacher, StageTaps, Student, bn_before_stage_relu, build_backbone
-from raypipe.student import build_student, distill_weight_at
+from raypipe.distillers.ofd import FrozenTeacher, StageTaps, Student, bn_before_stage_relu
+from raypipe.methods.moco import MoCo
+from raypipe.models import build_backbone
+from raypipe.student import build_distiller
+
+
+def build_student(cfg, num_classes, teacher_state):
+    d = build_distiller(cfg, num_classes, teacher_state)
+    return d.student, d.teacher
 
 
 def small_moco(queue=8, mu=0.9):
@@ -58,7 +65,7 @@ def test_single_worker_shuffle_bn_returns_keys_in_input_order():
 
 
 def test_split_batchnorm_normalises_each_group_and_averages_running_stats():
-    from raypipe.models import SplitBatchNorm2d
+    from raypipe.methods.moco import SplitBatchNorm2d
     torch.manual_seed(0)
     plain = nn.BatchNorm2d(3).train()
     nn.init.uniform_(plain.weight, 0.5, 2.0)
@@ -81,7 +88,7 @@ def test_split_batchnorm_normalises_each_group_and_averages_running_stats():
 def test_single_worker_split_bn_in_both_encoders_in_train_mode():
     """MoCo's single-GPU recipe: queries AND keys normalised per group; keys from a shuffled batch,
     returned in input order. A query encoder with whole-batch BN fails the first check."""
-    from raypipe.models import SplitBatchNorm2d
+    from raypipe.methods.moco import SplitBatchNorm2d
     m = small_moco().train()   # bn_splits=2
     reference = copy.deepcopy(m)
     for bn in reference.modules():   # the reference normalises whatever batch it is given
@@ -103,21 +110,25 @@ def test_single_worker_split_bn_in_both_encoders_in_train_mode():
 
 
 def test_contrastive_step_uses_the_queue_before_enqueueing_the_batch():
-    from raypipe.engine import Runtime
     from raypipe.losses import margin_nce_loss
-    from raypipe.teacher import contrastive_step
-    m = small_moco(queue=8).eval()  # eval: deterministic keys, so q and k can be recomputed
+    from raypipe.loop import Runtime
+    from raypipe.methods.moco import MoCoMargin
+    cfg = load_config(overrides=["teacher.proj_hidden=16", "teacher.proj_dim=4", "teacher.queue_size=8",
+                                 "teacher.batch_size=4", "teacher.margin=0.4", "teacher.temperature=0.2"])
+    method = MoCoMargin(cfg)
+    m = method.model.eval()  # eval: deterministic keys, so q and k can be recomputed
     queue_before = m.queue.clone()
     x = torch.randn(4, 3, 16, 16)
     rt = Runtime(torch.device("cpu"), None, False, 1, 0)
-    loss, l_pos, l_neg = contrastive_step(m, m, x, x, 0.4, 0.2, rt)
+    loss, metrics = method.training_step(m, x, x, rt)
     k = m.queue[:4].clone()             # this batch's keys were enqueued at the pointer (0)
     assert int(m.queue_ptr) == 4 and torch.equal(m.queue[4:], queue_before[4:])
     with torch.no_grad():
         q = F.normalize(m.encoder_q(x), dim=1)
     expected = margin_nce_loss((q * k).sum(1), q @ queue_before.t(), 0.4, 0.2)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert l_neg.shape == (4, 8) and torch.allclose(l_neg, q @ queue_before.t(), atol=1e-5)
+    assert metrics["neg_sim"].item() == pytest.approx((q @ queue_before.t()).mean().item(), abs=1e-5)
+    assert metrics["pos_sim"].item() == pytest.approx((q * k).sum(1).mean().item(), abs=1e-5)
     after = margin_nce_loss((q * k).sum(1), q @ m.queue.t(), 0.4, 0.2)   # enqueue-first gives another loss
     assert abs(after.item() - expected.item()) > 1e-3
 
@@ -202,10 +213,11 @@ def test_teacher_bn_mode_switch():
 
 
 def test_ce_only_warmup_zeroes_lambda():
-    cfg = load_config(overrides=["student.ce_only_epochs=3", "student.distill_weight=0.01"])
-    assert [distill_weight_at(cfg, e) for e in range(5)] == [0, 0, 0, 0.01, 0.01]
+    cfg = load_config(overrides=["student.ce_only_epochs=3", "student.distill_weight=0.01", "student.backbone=resnet18"])
+    state = build_backbone("resnet18", True)[0].state_dict()
+    assert [build_distiller(cfg, 4, state).weight_at(e) for e in range(5)] == [0, 0, 0, 0.01, 0.01]
     sup = cfg.with_overrides({"student.mode": "finetune"})
-    assert distill_weight_at(sup, 10) == 0.0
+    assert build_distiller(sup, 4, state).weight_at(10) == 0.0
 
 
 def test_stem_stride_two_halves_every_stage_and_keeps_the_weights_shape():

@@ -14,7 +14,7 @@ def three_nodes(ray_cluster):
     import ray
     from ray.cluster_utils import Cluster
 
-    from raypipe.engine import ensure_ray
+    from raypipe.cluster import ensure_ray
     ray.shutdown()   # never two Ray clusters on one host: park the session's local one
     # the head carries the drivers' custom resource, as in cluster.yaml
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"raypipe_driver": 1}})

@@ -146,7 +146,9 @@ def test_teacher_study_steps_are_valid_commands_and_its_table_reads_the_probes(r
             epochs[args.name] = cfg.teacher.epochs
         else:  # every probe picks its lr on val and reports test
             assert args.split == ["val", "test"] and (args.random_init or args.teacher)
-    assert epochs == {"teacher_study_e100": 100, "teacher_study_e400": 400, "teacher_study_e100_t0.1": 100}
+    expected = {f"teacher_{arm}": next((int(o.split("=")[1]) for o in overrides if o.startswith("teacher.epochs=")), 100)
+                for arm, overrides in study.ARMS.items()}   # base.yaml's 100 unless an arm overrides it
+    assert epochs == expected and expected["teacher_study_e400"] == 400
     put(study.probe_file(study.RANDOM), {"val_knn_top1": 21.0, "test_knn_top1": 20.0, "val_top1": 20.0,
                                          "test_top1": 19.0, "probe_lr": 1.0})
     put(study.probe_file("study_e400"), {"val_knn_top1": 40.5, "test_knn_top1": 39.0, "val_top1": 41.0,

@@ -1,12 +1,13 @@
 """Phase 2 on real Ray Train: a 2-epoch distill run from a 1-epoch teacher, 2 CPU workers."""
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
 from raypipe.config import ConfigError
-from raypipe.engine import CheckpointError
+from raypipe.checkpoints import CheckpointError
 from raypipe.student import check_teacher, load_classifier, train_student
 
 
@@ -32,7 +33,14 @@ def test_distill_two_workers_end_to_end(ray_cluster, tiny_config, trained_teache
     net, payload = load_classifier(final["model"])
     assert payload["classes"] == ["circle", "square", "star", "stripes"] and payload["mode"] == "distill"
     assert net(torch.zeros(1, 3, 16, 16)).shape == (1, 4)
-    assert json.loads((run / "metrics.json").read_text())["best_val_top1"] >= 0
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["best_val_top1"] == history["val_top1"].max()
+    # the exported weights are the best epoch's by val top-1 (the first of equals), not the last epoch's
+    best = int(history["val_top1"].idxmax())
+    assert payload["best_epoch"] == summary["exported_epoch"] == best and payload["epochs_trained"] == 2
+    last = torch.load(Path(final["checkpoint"]) / "state.pt", map_location="cpu", weights_only=False)
+    same = all(torch.equal(v, last["model"][f"net.{k}"]) for k, v in net.state_dict().items())
+    assert same == (best == 1)
 
 
 def test_teacher_checks_before_training(tiny_config, trained_teacher, tmp_path):

@@ -12,7 +12,7 @@ from raypipe.teacher import pretrain
 
 def _queue_probe(config):
     from raypipe import dist
-    from raypipe.models import MoCo
+    from raypipe.methods.moco import MoCo
     torch.manual_seed(0)  # same weights on both ranks, as DDP + EMA keep them in training
     m = MoCo({"backbone": "resnet18", "small_stem": True}, proj_hidden=16, proj_dim=4, queue_size=8, key_momentum=0.99)
     rank = dist.rank()

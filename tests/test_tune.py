@@ -157,6 +157,10 @@ def test_smoke_main_job_on_s3_killed_and_resumed_from_empty_disk_then_results(ra
     for name in ("stage1_teacher_params.png", "stage1_teacher_curves.png", "stage1_teacher_importance.png",
                  "stage2_student_curves.png"):
         assert len(storage.read_bytes(f"{exp}/plots/{name}")) > 1000, name
+    from raypipe.results import stored_study
+    study = stored_study(storage.Outputs(exp), "stage1_teacher")   # the searcher's own study, read from the bucket
+    assert len(study.trials) == 2 and study.trials[0].params["teacher/margin"] == 0.4   # the config's point first
+    assert {"teacher/temperature", "teacher/queue_size"} <= set(study.trials[1].params)
     from PIL import Image
     legend = Image.open(io.BytesIO(storage.read_bytes(f"{exp}/plots/stage3_final_curves.png"))).text["Description"]
     assert {"supervised", "finetune", "distill_0", "distill_1"} <= set(legend.removeprefix("legend: ").split(" | "))
@@ -184,7 +188,7 @@ def test_trials_are_tracked_in_mlflow_when_asked(ray_cluster, tmp_path, monkeypa
     from ray import tune
 
     from raypipe.config import load_config
-    from raypipe.tune import best_trial, run_tune_stage
+    from raypipe.search import best_trial, run_tune_stage
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path}/mlruns")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")   # MLflow 3 wants a server or a database otherwise
     cfg = load_config(overrides=["tune.loggers=[mlflow]", "tune.experiment=track", "tune.max_concurrent_trials=1"])

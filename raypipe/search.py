@@ -1,0 +1,247 @@
+"""How one search stage runs on Ray Tune: search spaces seeded from the config, Optuna TPE + ASHA
+(or a grid), trial drivers that each launch a phase's TorchTrainer, concurrency from the cluster,
+the best trial and its weights. The main job's stages (raypipe.tune) call ``run_tune_stage``."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from . import cluster, plugins, progress
+from .checkpoints import best_weights, final_state
+from .config import Config, ConfigError, flat_key, get_dotted, set_dotted, verbose
+from .storage import join
+
+# ---- search spaces -------------------------------------------------------------------
+def queue_candidates(cfg: Config, n_train: int) -> list[int]:
+    """K values Tune may pick: multiples of the global batch the training set can fill."""
+    gb, cap = cfg.global_batch("teacher"), cfg.max_queue_size(n_train)
+    if cap < gb:
+        raise ConfigError(f"{n_train} training images cannot fill one global batch of {gb}")
+    if cfg.tune.queue_sizes:
+        bad = [k for k in cfg.tune.queue_sizes if k % gb or k > cap]
+        if bad:
+            raise ConfigError(f"tune.queue_sizes {bad} must be multiples of the global batch {gb} and <= {cap} "
+                              f"(the training images rounded down to whole batches)")
+        return sorted(set(cfg.tune.queue_sizes))
+    sizes, k = [], gb
+    while k <= cap:
+        sizes.append(k)
+        k *= 2
+    return sorted(set(sizes + [min(cap, cfg.teacher.queue_size)]))
+
+
+def start_point(cfg: Config, dotted: str, bounds: list) -> float:
+    """The config's own value of ``dotted`` clipped into the searched ``[lo, hi]``: the search's
+    first trial (the paper's values, with the default config)."""
+    return min(max(get_dotted(cfg.to_dict(), dotted), bounds[0]), bounds[1])
+
+
+def teacher_space(cfg: Config, n_train: int) -> tuple[dict, dict]:
+    """(Tune param_space overrides at dotted keys, the config's point to start from)."""
+    from ray import tune
+
+    t = cfg.tune
+    queues = queue_candidates(cfg, n_train)
+    space = {"teacher.margin": tune.uniform(*t.margin_range),
+             "teacher.temperature": tune.loguniform(*t.temperature_range),
+             "teacher.queue_size": tune.choice(queues)}
+    point = {"teacher.margin": start_point(cfg, "teacher.margin", t.margin_range),
+             "teacher.temperature": start_point(cfg, "teacher.temperature", t.temperature_range),
+             "teacher.queue_size": min(queues, key=lambda k: (abs(k - cfg.teacher.queue_size), -k))}
+    if t.lr_range:
+        space["teacher.lr"] = tune.loguniform(*t.lr_range)
+        point["teacher.lr"] = start_point(cfg, "teacher.lr", t.lr_range)
+    return space, point
+
+
+def student_space(cfg: Config) -> tuple[dict, dict]:
+    from ray import tune
+
+    t = cfg.tune
+    space = {"student.distill_weight": tune.loguniform(*t.distill_weight_range)}
+    point = {"student.distill_weight": start_point(cfg, "student.distill_weight", t.distill_weight_range)}
+    if t.ce_only_range:
+        space["student.ce_only_epochs"] = tune.randint(t.ce_only_range[0], t.ce_only_range[1] + 1)
+        point["student.ce_only_epochs"] = start_point(cfg, "student.ce_only_epochs", t.ce_only_range)
+    if t.student_lr_range:
+        space["student.lr"] = tune.loguniform(*t.student_lr_range)
+        point["student.lr"] = start_point(cfg, "student.lr", t.student_lr_range)
+    return space, point
+
+
+def param_space(cfg: Config, dotted: dict) -> dict:
+    """The config's nested dict with search domains at the dotted keys (one schema for all)."""
+    raw = cfg.to_dict()
+    for key, domain in dotted.items():
+        set_dotted(raw, key, domain)
+    return raw
+
+
+def trial_concurrency(cfg: Config, total: dict | None = None) -> int:
+    """Trials that can run at once without their drivers starving their own trainers: from what
+    an autoscaling cluster can grow to (RAYPIPE_AUTOSCALING=1 and the launcher's config on the
+    head), else from the resources the cluster has now."""
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    total = cluster.cluster_resources() if total is None else total
+    res = cfg.resources
+    workers = max(1, res.num_workers)
+    cpu_need = workers * res.cpus_per_worker + cfg.tune.driver_cpus + cfg.data.cpus_per_task
+    by_cpu = int(total.get("CPU", 0) // cpu_need)
+    if res.use_gpu == "true" or (res.use_gpu == "auto" and total.get("GPU", 0) > 0):
+        by_cpu = min(by_cpu, int(total.get("GPU", 0) // max(1e-9, workers * res.gpus_per_worker)))
+    return max(1, by_cpu)
+
+
+# ---- trial drivers (one per Tune trial; each builds a TorchTrainer) ------------------
+DRIVER_RESOURCE = "raypipe_driver"
+
+
+def driver_resources(cfg: Config) -> dict:
+    """What each trial driver asks: a little CPU and, where some node type carries the custom
+    resource ``raypipe_driver`` (the head in cluster.yaml), a place there, so drivers never land on
+    preemptible GPU nodes that the autoscaler may take away (Ray's Train + Tune guide)."""
+    import ray
+
+    res = {"CPU": cfg.tune.driver_cpus}
+    if ray.cluster_resources().get(DRIVER_RESOURCE, 0) > 0:
+        res[DRIVER_RESOURCE] = 0.001
+    return res
+
+
+@contextlib.contextmanager
+def trial_run(ctx: dict):
+    """-> (the trial's folder in storage, a local scratch folder removed afterwards). The storage
+    folder holds the trial's Train run (checkpoints) and its files, which go there as they are
+    made; it is named after the trial id, no timestamp, so a retried or restored trial resumes."""
+    from ray import tune
+    location = join(ctx["storage"], f"{ctx['stage']}_runs", tune.get_context().get_trial_id())
+    scratch = Path(tempfile.mkdtemp(prefix="raypipe-trial-"))
+    try:
+        yield location, scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def teacher_trial(config: dict, ctx: dict) -> None:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .teacher import pretrain
+    plugins.install(ctx.get("plugins"))
+    with trial_run(ctx) as (location, scratch):  # the model file stays local: stages export what they keep
+        pretrain(Config.from_dict(config), run_dir=scratch, callbacks=[TuneReportCallback()], storage_path=location,
+                 print_epochs=verbose(), outputs=location, publish_model=False)
+
+
+def student_trial(config: dict, ctx: dict) -> None:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .student import train_student
+    plugins.install(ctx.get("plugins"))
+    cfg = Config.from_dict(config)
+    teacher = ctx.get("teacher") if cfg.student.mode != "supervised" else None
+    with trial_run(ctx) as (location, scratch):
+        train_student(cfg, teacher, run_dir=scratch, callbacks=[TuneReportCallback()], storage_path=location,
+                      print_epochs=verbose(), outputs=location, publish_model=False)
+
+
+def final_trial(config: dict, ctx: dict) -> None:
+    """Stage 3: one of the final models (``config['final']`` says which), no early stopping."""
+    member = ctx["members"][config["final"]]
+    student_trial(member["config"], {**ctx, "teacher": member.get("teacher")})
+
+
+# ---- running a stage -------------------------------------------------------------------
+def run_tune_stage(stage: str, trainable, ctx: dict, cfg: Config, space: dict | None, metric: str | None,
+                   num_samples: int, point: dict | None = None, max_t: int = 0, grid: list | None = None):
+    """Fit (or restore and finish) one Tune experiment; returns its ResultGrid."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose() else optuna.logging.WARNING)
+    # Tune's new output engine prints its experiment header even at verbose=0; the legacy one does not
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if verbose() else "0"
+    path = join(ctx["storage"], stage)
+    fn = tune.with_resources(tune.with_parameters(trainable, ctx=ctx), driver_resources(cfg))
+    params = list(space or {})
+    print(f"\n[{stage}] {'grid of ' + str(len(grid)) if grid is not None else num_samples} trials"
+          + (f", searching {', '.join(params)}" if params else ""), flush=True)
+    if tune.Tuner.can_restore(path):
+        print(f"[{stage}] restoring {path}: finished trials are kept", flush=True)
+        tuner = tune.Tuner.restore(path, trainable=fn, resume_errored=True)
+    else:
+        if grid is not None:
+            tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=trial_concurrency(cfg))
+            param = {"final": tune.grid_search(grid)}
+        else:
+            searcher = OptunaSearch(metric=metric, mode="max", points_to_evaluate=[{flat_key(k): v for k, v in point.items()}],
+                                    sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed))
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+                                      grace_period=min(cfg.tune.grace_period, max_t),
+                                      reduction_factor=cfg.tune.reduction_factor)
+            tune_config = tune.TuneConfig(metric=metric, mode="max", search_alg=searcher, scheduler=scheduler,
+                                          num_samples=num_samples, max_concurrent_trials=trial_concurrency(cfg))
+            param = param_space(cfg, space)
+        loud = verbose()  # Tune's own tables, or one line per epoch per trial
+        tuner = tune.Tuner(fn, param_space=param, tune_config=tune_config,
+                           run_config=tune.RunConfig(name=stage, storage_path=ctx["storage"],
+                                                     failure_config=tune.FailureConfig(max_failures=1),
+                                                     sync_config=tune.SyncConfig(sync_period=cfg.tune.sync_period),
+                                                     verbose=1 if loud else 0,
+                                                     callbacks=tracking_callbacks(cfg, stage) + (
+                                                         [] if loud else [progress.TrialProgress(stage, params)])))
+    grid_result = tuner.fit()
+    print(progress.leaderboard(grid_result, stage, metric, params), flush=True)
+    errors = [r.error for r in grid_result if r.error is not None]
+    if errors and len(errors) == len(grid_result):
+        raise RuntimeError(f"[{stage}] every trial failed; first error: {errors[0]}")
+    return grid_result
+
+
+def tracking_callbacks(cfg: Config, stage: str) -> list:
+    """Ray's logger callbacks for the trackers in ``tune.loggers`` (TensorBoard is always on: Tune
+    writes each trial's events into the experiment's storage). One MLflow experiment / W&B group
+    per stage, one run per trial."""
+    callbacks = []
+    if "mlflow" in cfg.tune.loggers:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+        callbacks.append(MLflowLoggerCallback(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
+                                              experiment_name=f"{cfg.tune.experiment}-{stage}"))
+    if "wandb" in cfg.tune.loggers:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+        callbacks.append(WandbLoggerCallback(project=cfg.tune.experiment, group=stage))
+    return callbacks
+
+
+def best_trial(grid, metric: str):
+    """Best trial by the best value it ever reported (ASHA-stopped trials included): Tune's
+    ``get_best_result(scope="all")``; -> (its Result, that value)."""
+    try:
+        best = grid.get_best_result(metric=metric, mode="max", scope="all")
+    except RuntimeError as exc:
+        raise RuntimeError(f"no trial reported {metric!r}") from exc
+    df = best.metrics_dataframe
+    if df is None or metric not in df or df[metric].dropna().empty:
+        raise RuntimeError(f"no trial reported {metric!r}")
+    return best, float(df[metric].max())
+
+
+def best_state(train_storage: str) -> dict:
+    """A finished trial's last checkpoint, with the best epoch's weights (what its stage exports)."""
+    from ray.train import Result
+    return best_weights(final_state(Result.from_path(join(train_storage, "train"))))
+
+
+def trial_summary(grid, metric: str) -> list[dict]:
+    rows = []
+    for r in grid:
+        df = r.metrics_dataframe
+        rows.append({"trial_id": r.metrics.get("trial_id") if r.metrics else None,
+                     "best": float(df[metric].max()) if df is not None and metric in df else None,
+                     "epochs": int(len(df)) if df is not None else 0, "error": str(r.error) if r.error else None})
+    return rows
