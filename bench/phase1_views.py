@@ -1,7 +1,8 @@
 """Benchmark: phase-1 epochs with the views made by Ray Data on CPU (per image) vs on the training
 device (per batch, kornia; here the CPU), same data, model and steps, in one run. Reported: the
 trainer's images/s per epoch after the first (its own timer: steps plus waiting for data) and the
-whole epoch wall time, for each path, and the ratios.
+run's wall time (decode + epochs), for each path, and the ratios; each path runs twice,
+alternating, and the second run of each counts (the first warms Ray's workers).
 
     python bench/phase1_views.py [--epochs 4] [--config experiments/configs/cifar10_50/base.yaml]
 """
@@ -32,10 +33,12 @@ def main():
     out_dir = Path("/tmp/raypipe_bench_views")
     shutil.rmtree(out_dir, ignore_errors=True)
     rows = {}
-    for where in ("cpu", "device"):
+    for where in ("cpu", "device", "cpu", "device"):   # each twice, alternating: the second of each is kept
+        shutil.rmtree(out_dir / f"views_{where}", ignore_errors=True)
         cfg = load_config(args.config, {"data.root": str(DATA), "data.augment_on": where, "output_dir": str(out_dir),
                                         "name": f"views_{where}", "teacher.epochs": args.epochs,
-                                        "teacher.knn_every": args.epochs + 1, "resources.checkpoint_every": args.epochs})
+                                        "teacher.knn_every": args.epochs + 1, "resources.checkpoint_every": args.epochs,
+                                        "teacher.warmup_epochs": 0})
         start = time.perf_counter()
         pretrain(cfg, print_epochs=False)
         wall = time.perf_counter() - start
