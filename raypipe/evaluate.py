@@ -185,47 +185,77 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def evaluate_rows(data_cfg, split: str, rows: dict[str, dict], batch_size: int = 64,
+                  average: str = "logits", keep_scores: bool = False) -> dict[str, dict]:
+    """Several evaluations of one split that is decoded ONCE. Each row is ``{"models": [paths],
+    "ten_crop": bool, "weights": [...] or None}``: every model's scores on each view that some row
+    needs (centre crop, 10-crop) are computed once, and a row is their weighted average (one model,
+    or an ensemble; logits or probabilities averaged, ``average``). -> {row name: report};
+    ``keep_scores``: each report also holds the image ``ids`` and their ``scores`` (a tensor)."""
+    from .cluster import ensure_ray
+    from .data import decode_split, scan_split, with_view
+    from .student import load_classifier
+
+    for name, row in rows.items():
+        if row.get("weights") and len(row["weights"]) != len(row["models"]):
+            raise ValueError(f"{name}: --weights has {len(row['weights'])} values for {len(row['models'])} models")
+    paths = list(dict.fromkeys(str(p) for row in rows.values() for p in row["models"]))
+    loaded = {p: load_classifier(p) for p in paths}
+    classes = loaded[paths[0]][1]["classes"]
+    for path, (_, payload) in loaded.items():
+        if payload["classes"] != classes:
+            raise ValueError(f"{path} was trained on other classes than {paths[0]}")
+    split_name = {"train": data_cfg.train_split, "val": data_cfg.val_split, "test": data_cfg.test_split}.get(split, split)
+    index = scan_split(data_cfg.root, split_name, classes=classes)
+    ensure_ray()
+    decoded = decode_split(index, data_cfg)
+    device = _device()
+    models = {p: m.to(device) for p, (m, _) in loaded.items()}
+    scores, labels, idxs = {}, None, None
+    for ten_crop in sorted({bool(row.get("ten_crop")) for row in rows.values()}):
+        needed = list(dict.fromkeys(str(p) for row in rows.values() if bool(row.get("ten_crop")) == ten_crop
+                                    for p in row["models"]))
+        key = "views" if ten_crop else "image"
+        parts = {p: [] for p in needed}
+        lab, idx = [], []
+        for batch in with_view(decoded, "ten_crop" if ten_crop else "eval", data_cfg).iter_torch_batches(
+                batch_size=batch_size):
+            images = batch[key].to(device)
+            for p in needed:
+                parts[p].append(ensemble_scores([models[p]], images, average=average).cpu())
+            lab.append(batch["label"].cpu())
+            idx.append(batch["idx"].cpu())
+        order = torch.argsort(torch.cat(idx))
+        labels, idxs = torch.cat(lab)[order], torch.cat(idx)[order]
+        scores.update({(p, ten_crop): torch.cat(parts[p])[order] for p in needed})
+    reports = {}
+    for name, row in rows.items():
+        ten_crop, weights = bool(row.get("ten_crop")), row.get("weights")
+        w = weights or [1.0] * len(row["models"])
+        combined = sum(wi * scores[(str(p), ten_crop)] for wi, p in zip(w, row["models"])) / sum(w)
+        report = {"split": split_name, "models": [str(p) for p in row["models"]], "weights": weights,
+                  "views": "10-crop" if ten_crop else "centre crop", "average": average,
+                  "skipped_images": decoded.skipped, "n_images": int(labels.numel())}
+        if keep_scores:
+            report.update(ids=[storage.name(index.paths[i]) for i in idxs.tolist()], scores=combined)
+        if index.labelled:
+            report.update(classification_report(combined, labels, classes))
+        reports[name] = report
+    return reports
+
+
 def evaluate_models(data_cfg, split: str, model_paths: list[str], ten_crop: bool = False,
                     weights: list[float] | None = None, out_dir: str | Path | None = "eval",
                     submission: str | Path | None = None, batch_size: int = 64, average: str = "logits") -> dict:
     """One model or an ensemble (logits or probabilities averaged, optional weights), with or without 10-crop,
     on a labelled split (JSON report + confusion PNG in ``out_dir``, unless None) or an
     unlabelled one (submission CSV)."""
-    from .cluster import ensure_ray
-    from .data import decode_split, scan_split, with_view
-    from .student import load_classifier
-
-    if weights and len(weights) != len(model_paths):
-        raise ValueError(f"--weights has {len(weights)} values for {len(model_paths)} models")
-    loaded = [load_classifier(p) for p in model_paths]
-    classes = loaded[0][1]["classes"]
-    for path, (_, payload) in zip(model_paths, loaded):
-        if payload["classes"] != classes:
-            raise ValueError(f"{path} was trained on other classes than {model_paths[0]}")
-    split_name = {"train": data_cfg.train_split, "val": data_cfg.val_split, "test": data_cfg.test_split}.get(split, split)
-    index = scan_split(data_cfg.root, split_name, classes=classes)
-    ensure_ray()
-    decoded = decode_split(index, data_cfg)
-    ds = with_view(decoded, "ten_crop" if ten_crop else "eval", data_cfg)
-    device = _device()
-    models = [m.to(device) for m, _ in loaded]
-    key = "views" if ten_crop else "image"
-    scores, labels, idxs = [], [], []
-    for batch in ds.iter_torch_batches(batch_size=batch_size):
-        scores.append(ensemble_scores(models, batch[key].to(device), weights, average=average).cpu())
-        labels.append(batch["label"].cpu())
-        idxs.append(batch["idx"].cpu())
-    order = torch.argsort(torch.cat(idxs))
-    scores, labels, idxs = torch.cat(scores)[order], torch.cat(labels)[order], torch.cat(idxs)[order]
-    report = {"split": split_name, "models": [str(p) for p in model_paths], "weights": weights,
-              "views": "10-crop" if ten_crop else "centre crop", "average": average, "skipped_images": decoded.skipped,
-              "n_images": int(labels.numel())}
+    rows = {"row": {"models": model_paths, "ten_crop": ten_crop, "weights": weights}}
+    report = evaluate_rows(data_cfg, split, rows, batch_size=batch_size, average=average, keep_scores=True)["row"]
+    ids, scores = report.pop("ids"), report.pop("scores")
     if submission:
-        ids = [storage.name(index.paths[i]) for i in idxs.tolist()]
         write_submission(str(submission), ids, scores.argmax(1).tolist())
         report["submission"] = str(submission)
-    if index.labelled:
-        report.update(classification_report(scores, labels, classes))
     if out_dir is not None:
         write_eval_outputs(report, out_dir)
     return report

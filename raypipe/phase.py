@@ -37,9 +37,10 @@ def run_phase(cfg: Config, phase: Phase, index: dict, run_dir: Path | None = Non
               publish_model: bool = True) -> dict:
     """The launch sequence of a phase, after its own checks on the scanned ``index``: run folder and
     config.yaml, preflight, decode train/val once with Ray Data, data report, TorchTrainer (resumes
-    a re-run), export of the best epoch's weights (by ``phase.best_metric``), metrics.json. ``outputs``: where the run's files are
-    published (folder or URI; default run_dir, or output_dir/name when output_dir is a URI);
-    ``publish_model=False`` keeps the model file local (a Tune trial: its stage exports what it keeps)."""
+    a re-run), export of the best epoch's weights (by ``phase.best_metric``), metrics.json.
+    ``outputs``: where the run's files are published (folder or URI; default run_dir, or
+    output_dir/name when output_dir is a URI); ``publish_model=False`` keeps the model file local
+    (a Tune trial: its stage exports what it keeps)."""
     from . import plugins, storage
     from .augment import on_device
     from .data import decode_split
@@ -64,7 +65,8 @@ def run_phase(cfg: Config, phase: Phase, index: dict, run_dir: Path | None = Non
     final = {"phase": phase.name, "epochs": len(history), **history[-1],
              f"best_{phase.best_metric}": max((h.get(phase.best_metric, 0.0) for h in history), default=0.0),
              phase.model_key: run.publish(phase.model_file) if publish_model else str(run.local(phase.model_file)),
-             "exported_epoch": exported["best_epoch"], "device_views": device_views, "skipped_images": skipped, "n_train": decoded["train"].count,
+             "exported_epoch": exported["best_epoch"], "device_views": device_views, "skipped_images": skipped,
+             "n_train": decoded["train"].count,
              "checkpoint": storage.location_of(result.checkpoint.filesystem, result.checkpoint.path)}
     write_run_outputs(run, final)
     return final

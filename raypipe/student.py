@@ -18,7 +18,7 @@ from .distillers import DISTILLERS, Distiller
 from .loop import EpochMeans, Loop, Throughput, eval_rows_mask, make_runtime
 from .models import arch_of, build_backbone, payload_arch
 
-EPOCH_KEYS = ("loss", "ce", "distill", "val_top1", "val_top5", "lr", "images_per_s")
+EPOCH_KEYS = ("val_top1", "val_top5", "lr", "images_per_s")  # printed after the loss and its parts
 
 
 def distiller_class(cfg: Config) -> type[Distiller]:
@@ -45,8 +45,9 @@ def build_distiller(cfg: Config, num_classes: int, teacher_state: dict | None) -
 
 
 def classification_loss(y: torch.Tensor, cfg: Config):
-    """Mixup (``student.mixup_alpha``) of the batch and label-smoothed CE: -> (mix, ce(logits)),
-    the batch mixed with weight ``mix`` and the loss of logits against the mixed targets."""
+    """Mixup (``student.mixup_alpha``) and label-smoothed CE for a batch's labels ``y``: -> (mix,
+    perm, ce): mix the images as ``mix * x + (1 - mix) * x[perm]`` (perm None: no mixup) and
+    ``ce(logits)`` is the loss against the correspondingly mixed targets."""
     s = cfg.student
     if s.mixup_alpha <= 0:
         return 1.0, None, lambda logits: F.cross_entropy(logits, y, label_smoothing=s.label_smoothing)
@@ -114,7 +115,7 @@ def train_loop(loop_config: dict) -> None:
             batch_size=s.batch_size))
         metrics = {**means.result(), "distill_weight": distiller.weight_at(epoch), "val_top1": top1,
                    "val_top5": top5, "n_val": n_val, "images_per_s": speed.rate(rt.world_size)}
-        loop.end_epoch(s.mode, epoch, metrics, EPOCH_KEYS)
+        loop.end_epoch(s.mode, epoch, metrics, ("loss", *distiller.metric_names, *EPOCH_KEYS))
 
 
 def export_student(cfg: Config, state: dict, path: Path, classes: list[str], teacher_path=None) -> Path:

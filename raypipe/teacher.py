@@ -43,8 +43,8 @@ def train_loop(loop_config: dict) -> None:
     method = build_method(cfg, rt.world_size)
     loop = Loop(method.model, t, cfg, rt, loop_config)
     names = ("loss", *method.metric_names)
-    views = BatchViews(("view1", "view2"), rt.device, rt.channels_last,
-                       moco_views(cfg.data.resolution, t.crop_min_scale, t.blur_prob) if meta.get("device_views") else None)
+    on_device = moco_views(cfg.data.resolution, t.crop_min_scale, t.blur_prob) if meta.get("device_views") else None
+    views = BatchViews(("view1", "view2"), rt.device, rt.channels_last, on_device)
     for epoch in loop.epochs():
         method.model.train()
         speed, means = Throughput(), EpochMeans(names, rt.device)
@@ -68,7 +68,8 @@ def export_teacher(cfg: Config, state: dict, path: Path, classes: list[str]) -> 
     return save_model_file(
         Path(path), "teacher", method.backbone.state_dict(), cfg,
         {**arch_of(cfg.teacher), "classes": classes, "resolution": cfg.data.resolution,
-         "method": cfg.teacher.method, **method.export_extras(), "epochs_trained": state["epoch"] + 1, "best_epoch": state.get("best_epoch")})
+         "method": cfg.teacher.method, **method.export_extras(),
+         "epochs_trained": state["epoch"] + 1, "best_epoch": state.get("best_epoch")})
 
 
 def pretrain(cfg: Config, run_dir: Path | None = None, callbacks: list | None = None,

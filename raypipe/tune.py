@@ -134,27 +134,25 @@ def evaluate_all(cfg: Config, out: Outputs, s1: dict, s3: dict) -> dict:
     """The paper-shaped table on the test split (each evaluation a Ray task, GPU when present)."""
     import ray
 
-    from .evaluate import evaluate_models, probe_teacher, write_eval_outputs
+    from .evaluate import evaluate_rows, probe_teacher, write_eval_outputs
 
     record = out.read_record("evaluation")
     if record:
         return record
     gpus = cfg.tune.eval_gpus or (1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0)
     data = Config.from_dict(s1["best_config"]).data
-    ev = ray.remote(num_cpus=cfg.tune.driver_cpus, num_gpus=gpus)(evaluate_models)
+    ev = ray.remote(num_cpus=cfg.tune.driver_cpus, num_gpus=gpus)(evaluate_rows)
     pr = ray.remote(num_cpus=cfg.tune.driver_cpus, num_gpus=gpus)(probe_teacher)
     m = s3["models"]
     members = [m[k] for k in sorted(m) if k.startswith("distill_")]
+    # one task decodes the test split once and scores every model on it once per view; the
     # reports come back to this driver and are written here, whichever node evaluated them
-    jobs = {
-        "supervised": ev.remote(data, "test", [m["supervised"]], out_dir=None),
-        "finetune": ev.remote(data, "test", [m["finetune"]], out_dir=None),
-        "distill": ev.remote(data, "test", members[:1], out_dir=None),
-        "distill_10crop": ev.remote(data, "test", members[:1], ten_crop=True, out_dir=None),
-        "ensemble_10crop": ev.remote(data, "test", members, ten_crop=True, out_dir=None),
-    }
+    rows = {"supervised": {"models": [m["supervised"]]}, "finetune": {"models": [m["finetune"]]},
+            "distill": {"models": members[:1]}, "distill_10crop": {"models": members[:1], "ten_crop": True},
+            "ensemble_10crop": {"models": members, "ten_crop": True}}
+    evaluation = ev.remote(data, "test", rows)
     probe = pr.remote(data, s3["teacher"], splits=("val", "test"))
-    results = {k: ray.get(v) for k, v in jobs.items()}
+    results = ray.get(evaluation)
     for name, report in results.items():
         write_eval_outputs(report, out.path("eval", name))
     probe_scores = ray.get(probe)

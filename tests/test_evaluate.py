@@ -80,3 +80,35 @@ def test_evaluate_report_ten_crop_and_submission(ray_cluster, tiny_data, tiny_co
     assert rows[0] == ["Image IDs", "Predictions"] and len(rows) == 7
     assert [r[0] for r in rows[1:]] == [f"{i:05d}.jpg" for i in range(6)]
     assert all(0 <= int(r[1]) < 4 for r in rows[1:])
+
+
+def test_table_rows_share_one_decode_and_equal_separate_evaluations(ray_cluster, tiny_config, tmp_path, monkeypatch):
+    """evaluate_rows decodes the split once for every row (the main job's test table) and each row
+    scores what evaluate_models scores for it alone."""
+    from raypipe import data as D
+    from raypipe.checkpoints import save_model_file
+    from raypipe.evaluate import evaluate_rows
+    cfg = tiny_config()
+    files = [save_model_file(tmp_path / f"m{i}.pt", "classifier", net.state_dict(), cfg,
+                             {"backbone": "resnet18", "small_stem": True,
+                              "classes": ["circle", "square", "star", "stripes"], "mode": "supervised"})
+             for i, net in enumerate(models(2))]
+    rows = {"one": {"models": files[:1]}, "one_10crop": {"models": files[:1], "ten_crop": True},
+            "pair_10crop": {"models": files, "ten_crop": True, "weights": [2.0, 1.0]}}
+    alone = {name: evaluate_models(cfg.data, "val", row["models"], ten_crop=row.get("ten_crop", False),
+                                   weights=row.get("weights"), out_dir=None) for name, row in rows.items()}
+    decodes = []
+    real = D.decode_split
+    monkeypatch.setattr(D, "decode_split", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    shared = evaluate_rows(cfg.data, "val", rows)
+    assert len(decodes) == 1
+    for name in rows:
+        assert shared[name]["confusion"] == alone[name]["confusion"], name
+        assert shared[name]["top1"] == pytest.approx(alone[name]["top1"]) and shared[name]["views"] == alone[name]["views"]
+    assert shared["pair_10crop"]["weights"] == [2.0, 1.0] and shared["pair_10crop"]["n_images"] == 32
+    # the weighted 10-crop ensemble, computed straight from ensemble_scores on the same views
+    views = D.with_view(real(D.scan_split(cfg.data.root, "val"), cfg.data), "ten_crop", cfg.data)
+    batches = list(views.iter_torch_batches(batch_size=64))
+    scores = torch.cat([ensemble_scores(models(2), b["views"], [2.0, 1.0]) for b in batches])
+    labels = torch.cat([b["label"] for b in batches])
+    assert shared["pair_10crop"]["top1"] == pytest.approx(100 * (scores.argmax(1) == labels).float().mean().item())
