@@ -36,11 +36,14 @@ class Registry(dict):
             return cls
         return add
 
-    def get_class(self, name: str) -> type:
-        """The class registered as ``name``, made ready to travel to Ray workers."""
+    def check(self, name: str) -> None:
         if name not in self:
             raise ConfigError(f"{self.key}={name!r} is not registered; choose one of {sorted(self)} "
                               f"(or register one: see docs/architecture.md)")
+
+    def get_class(self, name: str) -> type:
+        """The class registered as ``name``, made ready to travel to Ray workers."""
+        self.check(name)
         cls = self[name]
         module = sys.modules.get(cls.__module__)
         if module is not None and cls.__module__ != "__main__" and not cls.__module__.startswith("raypipe."):
@@ -63,8 +66,7 @@ def _name(cfg, key: str) -> str:
 def check(cfg) -> None:
     """Config validation: each plug-in name is registered (a ConfigError listing them if not)."""
     for key, registry in _registries().items():
-        if _name(cfg, key) not in registry:
-            registry.get_class(_name(cfg, key))  # raises, naming the registered ones
+        registry.check(_name(cfg, key))
 
 
 def selected(cfg) -> dict[str, tuple[str, type]]:

@@ -44,17 +44,19 @@ def build_distiller(cfg: Config, num_classes: int, teacher_state: dict | None) -
     return distiller_class(cfg)(cfg, num_classes, teacher_state)
 
 
-def classification_loss(y: torch.Tensor, cfg: Config):
-    """Mixup (``student.mixup_alpha``) and label-smoothed CE for a batch's labels ``y``: -> (mix,
-    perm, ce): mix the images as ``mix * x + (1 - mix) * x[perm]`` (perm None: no mixup) and
-    ``ce(logits)`` is the loss against the correspondingly mixed targets."""
+def mixed_batch(x: torch.Tensor, y: torch.Tensor, cfg: Config):
+    """Mixup (``student.mixup_alpha``; 0 = off) of a batch and its label-smoothed CE: -> (the
+    images to train on, ``ce(logits)`` against the correspondingly mixed targets)."""
     s = cfg.student
+
+    def ce(logits, target):
+        return F.cross_entropy(logits, target, label_smoothing=s.label_smoothing)
+
     if s.mixup_alpha <= 0:
-        return 1.0, None, lambda logits: F.cross_entropy(logits, y, label_smoothing=s.label_smoothing)
+        return x, lambda logits: ce(logits, y)
     mix = float(torch.distributions.Beta(s.mixup_alpha, s.mixup_alpha).sample())
     perm = torch.randperm(y.shape[0], device=y.device)
-    return mix, perm, lambda logits: (mix * F.cross_entropy(logits, y, label_smoothing=s.label_smoothing)
-                                      + (1 - mix) * F.cross_entropy(logits, y[perm], label_smoothing=s.label_smoothing))
+    return mix * x + (1 - mix) * x[perm], lambda logits: mix * ce(logits, y) + (1 - mix) * ce(logits, y[perm])
 
 
 @torch.no_grad()
@@ -103,9 +105,7 @@ def train_loop(loop_config: dict) -> None:
         speed, means = Throughput(), EpochMeans(names, rt.device)
         for batch in loop.batches(epoch):
             (x,) = views(batch)
-            mix, perm, ce = classification_loss(batch["label"].to(rt.device), cfg)
-            if perm is not None:
-                x = mix * x + (1 - mix) * x[perm]
+            x, ce = mixed_batch(x, batch["label"].to(rt.device), cfg)
             loss, metrics = distiller.training_step(loop.net, x, ce, epoch, rt)
             loop.step(loss, frozen)
             means.add(loss, *(metrics[k] for k in distiller.metric_names))

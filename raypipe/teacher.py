@@ -82,8 +82,8 @@ def pretrain(cfg: Config, run_dir: Path | None = None, callbacks: list | None = 
     index = scan_dataset(cfg.data, ("train", "val"))  # layout errors before any Ray resource
     t = cfg.teacher
     n_images, global_batch = len(index["train"]), cfg.global_batch("teacher")
-    if t.queue_size > cfg.max_queue_size(n_images):
-        fit = cfg.max_queue_size(n_images)
+    fit = cfg.max_queue_size(n_images)
+    if t.queue_size > fit:
         hint = f"use at most {fit}" if fit else f"the global batch {global_batch} alone exceeds the data"
         raise ConfigError(f"teacher.queue_size={t.queue_size} exceeds the {n_images} training images "
                           f"(the queue would hold stale duplicate keys); {hint}")

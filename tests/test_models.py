@@ -231,3 +231,20 @@ def test_stem_stride_two_halves_every_stage_and_keeps_the_weights_shape():
         sizes.append([f.shape[-1] for f in taps.pop()])
     assert sizes == [[32, 16, 8, 4], [16, 8, 4, 2]]
     strided.load_state_dict(wide.state_dict())  # same parameters: only the stride differs
+
+
+def test_mixup_mixes_images_and_targets_with_one_weight():
+    from raypipe.student import mixed_batch
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    logits = torch.randn(6, 4)
+    plain, ce = mixed_batch(x, y, load_config(overrides=["student.label_smoothing=0.1"]))
+    assert plain is x and ce(logits).item() == pytest.approx(F.cross_entropy(logits, y, label_smoothing=0.1).item())
+    cfg = load_config(overrides=["student.mixup_alpha=0.4"])
+    torch.manual_seed(3)
+    mixed, ce = mixed_batch(x, y, cfg)
+    torch.manual_seed(3)   # the same draws, by hand
+    mix = float(torch.distributions.Beta(0.4, 0.4).sample())
+    perm = torch.randperm(6)
+    assert 0 < mix < 1 and torch.allclose(mixed, mix * x + (1 - mix) * x[perm])
+    expected = mix * F.cross_entropy(logits, y) + (1 - mix) * F.cross_entropy(logits, y[perm])
+    assert ce(logits).item() == pytest.approx(expected.item())
