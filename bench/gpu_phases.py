@@ -7,7 +7,8 @@ Rows, all with the phases' real modules and steps (``MoCoMargin.training_step``,
 - ``device``: decoded uint8 images on the device, views made per batch by kornia (``data.augment_on: device``);
 - ``cpu``: views made per image by the CPU path's own functions (``raypipe.data.augment_two_views`` /
   ``augment_supervised``) in ``--workers`` DataLoader processes, as Ray Data's tasks would on a node;
-- ``premade + compile``: the premade row with ``resources.compile: true`` (torch.compile of the trained module);
+- ``premade + compile``: the premade row with the trained module through ``torch.compile`` (not a config
+  option: no gain measured yet, docs/benchmarks.md);
 - the augmentation alone: kornia per batch on the device; the CPU per-image path per core.
 
     python bench/gpu_phases.py [--batch 256] [--resolution 224] [--seconds 12] [--workers 15]
@@ -27,7 +28,7 @@ import torch
 from raypipe.augment import BatchViews, moco_views, supervised_view
 from raypipe.config import load_config
 from raypipe.data import augment_supervised, augment_two_views
-from raypipe.loop import Runtime, compiled, make_sgd, optimizer_step, scaled_lr
+from raypipe.loop import Runtime, make_sgd, optimizer_step, scaled_lr
 from raypipe.student import build_distiller, mixed_batch
 from raypipe.teacher import build_method
 
@@ -191,8 +192,8 @@ def main():
                lambda b: augment_supervised(b, args.resolution, "none", 0.08), args, record)
 
     if args.compile:  # last: compiling may take minutes; the rows above are kept whatever happens here
-        record("phase1", "premade + compile", teacher.rate(lambda: premade, compiled(model, True), warmup=5))
-        record("phase2", "premade + compile", pupil.rate(lambda: premade[:1], compiled(student, True), warmup=5))
+        record("phase1", "premade + compile", teacher.rate(lambda: premade, torch.compile(model), warmup=5))
+        record("phase2", "premade + compile", pupil.rate(lambda: premade[:1], torch.compile(student), warmup=5))
     print(json.dumps(out, indent=2))
 
 

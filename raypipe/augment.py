@@ -36,11 +36,14 @@ def supervised_view(resolution: int, min_scale: float = 0.08) -> nn.Module:
 
 
 def on_device(cfg: Config, phase: str, use_gpu: bool) -> bool:
-    """Whether ``phase``'s training views are made on the training device: ``data.augment_on``,
-    ``auto`` = on GPUs. AutoAugment stays on CPU (kornia draws its sub-policy once per batch)."""
+    """Whether ``phase``'s training views are made on the training device: ``data.augment_on``;
+    ``auto`` = phase 1's views on GPUs, phase 2's on CPU. Measured on one H200 with 16 cores at
+    224 px (docs/benchmarks.md, section 5): MoCo's two views cost 4 CPU cores per 60 images/s
+    and starve the GPU, while phase 2's crop + flip keeps up on CPU and costs the GPU a quarter of
+    its speed. AutoAugment stays on CPU (kornia draws its sub-policy once per batch)."""
     if phase == "student" and cfg.student.autoaugment != "none":
         return False
-    return cfg.data.augment_on == "device" or (cfg.data.augment_on == "auto" and use_gpu)
+    return cfg.data.augment_on == "device" or (cfg.data.augment_on == "auto" and use_gpu and phase == "teacher")
 
 
 class BatchViews:

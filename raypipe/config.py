@@ -63,7 +63,7 @@ class DataConfig:
     aug_batch_size: int = opt(64, lo=1, doc="images per Ray Data augmentation batch")
     augment_on: str = opt("auto", choices=("auto", "cpu", "device"),
                           doc="where training views are made: Ray Data CPU tasks per image, or the training "
-                              "device per batch (kornia); auto = device when training on GPUs")
+                              "device per batch (kornia); auto = phase 1's on GPUs, phase 2's on CPU")
     shuffle_buffer: int = opt(1024, lo=0, doc="local shuffle buffer (rows) when iterating train batches")
 
     def stored_size(self) -> int:
@@ -78,8 +78,6 @@ class ResourcesConfig:
     gpus_per_worker: float = opt(1.0, lo=0.0)
     amp: str = opt("auto", choices=("auto", "bf16", "fp16", "off"), doc="mixed precision on GPU")
     channels_last: bool = opt(True, doc="channels_last memory format on GPU")
-    compile: bool = opt(False, doc="torch.compile the trained module of both phases (bench/gpu_phases.py: "
-                                   "where it pays)")
     max_failures: int = opt(0, lo=-1, doc="Ray Train FailureConfig.max_failures (-1 = forever)")
     checkpoint_every: int = opt(1, lo=1, doc="checkpoint every N epochs (and always at the end)")
     keep_checkpoints: int = opt(2, lo=1)

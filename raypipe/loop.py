@@ -91,12 +91,6 @@ def wrap_ddp(module: nn.Module, rt: Runtime) -> nn.Module:
     return nn.parallel.DistributedDataParallel(module, device_ids=ids, **no_sync)
 
 
-def compiled(net: nn.Module, enabled: bool) -> nn.Module:
-    """``resources.compile``: the trained module (DDP wrapper included) through torch.compile; the
-    state_dict, checkpoints and exports keep using the plain module."""
-    return torch.compile(net) if enabled else net
-
-
 def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
@@ -162,7 +156,7 @@ class Loop:
         resume = load_resume_state()
         if resume:
             model.load_state_dict(resume["model"])
-        self.net = compiled(wrap_ddp(model, rt), cfg.resources.compile)
+        self.net = wrap_ddp(model, rt)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.base_lr = scaled_lr(opt, rt.world_size)
         self.optimizer = make_sgd(self.params, opt, self.base_lr)

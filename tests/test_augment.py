@@ -132,6 +132,8 @@ def test_where_views_are_made(tiny_config):
     cfg = tiny_config()
     assert cfg.data.augment_on == "auto"
     assert on_device(cfg, "teacher", use_gpu=True) and not on_device(cfg, "teacher", use_gpu=False)
+    # phase 2's crop + flip: on CPU unless asked (bench/gpu_phases.py: CPU workers keep up there)
+    assert not on_device(cfg, "student", use_gpu=True)
     assert on_device(cfg.with_overrides({"data.augment_on": "device"}), "student", use_gpu=False)
     assert not on_device(cfg.with_overrides({"data.augment_on": "cpu"}), "teacher", use_gpu=True)
     # AutoAugment stays on CPU: kornia draws its sub-policy once per batch, not per image

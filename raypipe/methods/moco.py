@@ -92,9 +92,9 @@ class MoCo(nn.Module):
         n, size = keys.shape[0], self.queue.shape[0]
         if size % n:
             raise ValueError(f"queue size {size} is not a multiple of the global batch {n}")
-        ptr = int(self.queue_ptr)
-        self.queue[ptr:ptr + n] = keys.to(self.queue.dtype)
-        self.queue_ptr.fill_((ptr + n) % size)
+        rows = (self.queue_ptr + torch.arange(n, device=keys.device)) % size  # on the device: no host sync per step
+        self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + n) % size)
 
     @torch.no_grad()
     def encode_keys(self, im_k: torch.Tensor) -> torch.Tensor:
