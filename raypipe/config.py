@@ -162,7 +162,8 @@ class TuneConfig:
                                      "environment variables, e.g. MLFLOW_TRACKING_URI, WANDB_API_KEY)")
     sync_period: int = opt(30, lo=1, doc="seconds between uploads of Tune's experiment state to remote storage "
                                          "(what a resumed run restores from)")
-    grace_period: int = opt(2, lo=1, doc="ASHA: epochs before a trial can be stopped")
+    grace_period: int = opt(0, lo=0, doc="ASHA: epochs before a trial can be stopped; 0 = half of the "
+                                         "trial's epochs (docs/search.md: early k-NN does not rank teachers)")
     reduction_factor: int = opt(2, lo=2)
     asha_max_t: int = opt(0, lo=0, doc="ASHA max epochs per trial; 0 = the phase's epochs")
     seed: int = opt(0, lo=0, doc="Optuna TPE sampler seed")

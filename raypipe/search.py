@@ -154,14 +154,36 @@ def final_trial(config: dict, ctx: dict) -> None:
     student_trial(member["config"], {**ctx, "teacher": member.get("teacher")})
 
 
+# ---- searcher and scheduler (also replayed on the search benchmark: bench/search_replay.py) --
+def make_searcher(cfg: Config, metric: str, point: dict | None, sampler=None):
+    """Optuna TPE (``tune.seed``) starting from ``point`` (the config's own values); ``sampler``
+    another Optuna sampler instead (the benchmark's random search)."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(metric=metric, mode="max", sampler=sampler or optuna.samplers.TPESampler(seed=cfg.tune.seed),
+                        points_to_evaluate=[{flat_key(k): v for k, v in point.items()}] if point else None)
+
+
+def make_scheduler(cfg: Config, max_t: int):
+    """ASHA on epochs: ``tune.grace_period`` (0: half of ``max_t``), ``tune.reduction_factor``,
+    at most ``max_t`` epochs."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=grace_period(cfg, max_t),
+                         reduction_factor=cfg.tune.reduction_factor)
+
+
+def grace_period(cfg: Config, max_t: int) -> int:
+    return min(cfg.tune.grace_period or max(1, max_t // 2), max_t)
+
+
 # ---- running a stage -------------------------------------------------------------------
 def run_tune_stage(stage: str, trainable, ctx: dict, cfg: Config, space: dict | None, metric: str | None,
                    num_samples: int, point: dict | None = None, max_t: int = 0, grid: list | None = None):
     """Fit (or restore and finish) one Tune experiment; returns its ResultGrid."""
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose() else optuna.logging.WARNING)
     # Tune's new output engine prints its experiment header even at verbose=0; the legacy one does not
@@ -179,12 +201,8 @@ def run_tune_stage(stage: str, trainable, ctx: dict, cfg: Config, space: dict | 
             tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=trial_concurrency(cfg))
             param = {"final": tune.grid_search(grid)}
         else:
-            searcher = OptunaSearch(metric=metric, mode="max", points_to_evaluate=[{flat_key(k): v for k, v in point.items()}],
-                                    sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed))
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
-                                      grace_period=min(cfg.tune.grace_period, max_t),
-                                      reduction_factor=cfg.tune.reduction_factor)
-            tune_config = tune.TuneConfig(metric=metric, mode="max", search_alg=searcher, scheduler=scheduler,
+            tune_config = tune.TuneConfig(metric=metric, mode="max", search_alg=make_searcher(cfg, metric, point),
+                                          scheduler=make_scheduler(cfg, max_t),
                                           num_samples=num_samples, max_concurrent_trials=trial_concurrency(cfg))
             param = param_space(cfg, space)
         loud = verbose()  # Tune's own tables, or one line per epoch per trial

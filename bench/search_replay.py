@@ -1,0 +1,255 @@
+"""Replays searchers on the search benchmark (bench/search/teachers.csv: real phase-1 runs with their
+k-NN curves, made by experiments/search_bench.py), many seeds each, in seconds: the searcher and
+scheduler are the main job's own objects (``raypipe.search.make_searcher`` / ``make_scheduler``:
+Optuna TPE from the config's point + Tune's ASHA), driven through Tune's Searcher / TrialScheduler
+calls by a simulated clock of one epoch per tick; a suggested configuration trains as the nearest
+configuration of the table (unit cube: margin linear, temperature, K and lr logarithmic).
+
+Reported: the best k-NN seen against epochs of compute (median and quartiles over seeds, PNG), and
+the compute TPE + ASHA needs to reach the best that random search reaches with its full budget.
+
+    python bench/search_replay.py [--seeds 20] [--budget-trials 16] [--concurrency 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+
+from raypipe.config import Config, get_dotted, load_config
+from raypipe.search import make_scheduler, make_searcher, param_space, teacher_space
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE = ROOT / "bench" / "search"
+METRIC = "knn_top1"
+# the benchmark's space = the main job's (tune.* defaults) with teacher.lr searched too
+BENCH_OVERRIDES = {"tune.lr_range": [0.06, 0.96]}
+LOG_KEYS = ("teacher.temperature", "teacher.queue_size", "teacher.lr")
+
+
+class Table:
+    """k-NN curves by configuration, looked up by nearest neighbour in the unit cube of the space."""
+
+    def __init__(self, teachers: pd.DataFrame, keys: list[str]):
+        self.keys = keys
+        first = teachers.sort_values("epoch").groupby("config")
+        self.params = first[keys].first()
+        self.curves = {cid: g[METRIC].to_numpy() for cid, g in first}
+        # a configuration's k-NN once trained in full, with the epoch-to-epoch noise averaged out
+        self.plateau = {cid: float(c[-10:].mean()) for cid, c in self.curves.items()}
+        raw = self._transform(self.params.to_numpy(float))
+        self.lo, self.span = raw.min(0), np.maximum(raw.max(0) - raw.min(0), 1e-12)
+        self.coords = (raw - self.lo) / self.span
+
+    def _transform(self, x: np.ndarray) -> np.ndarray:
+        x = x.copy()
+        for j, k in enumerate(self.keys):
+            if k in LOG_KEYS:
+                x[:, j] = np.log(x[:, j])
+        return x
+
+    def nearest(self, point: dict) -> int:
+        x = (self._transform(np.array([[float(point[k]) for k in self.keys]])) - self.lo) / self.span
+        return int(self.params.index[np.argmin(((self.coords - x) ** 2).sum(1))])
+
+
+def replay(method: str, seed: int, cfg: Config, table: Table, budget: int, concurrency: int, max_t: int,
+           n_train: int = 500) -> tuple[list[tuple], list[tuple[int, int]]]:
+    """One search run -> ([(epochs spent, best k-NN so far, the plateau k-NN of that best trial's
+    configuration)] at every report, [(configuration, epochs trained)] of each finished trial)."""
+    import optuna
+    from ray.tune.schedulers import TrialScheduler
+
+    np.random.seed(seed)  # ASHA picks brackets with numpy's global RNG
+    cfg = cfg.with_overrides({"tune.seed": seed})
+    space, point = teacher_space(cfg, n_train)
+    tpe = method.startswith("tpe")
+    searcher = make_searcher(cfg, METRIC, point if tpe else None,
+                             None if tpe else optuna.samplers.RandomSampler(seed=seed))
+    searcher.set_search_properties(METRIC, "max", param_space(cfg, space))
+    scheduler = make_scheduler(cfg, max_t) if method.endswith("asha") else None
+    if scheduler is not None:
+        scheduler.set_search_properties(METRIC, "max")
+    every = cfg.teacher.knn_every
+    running, spent, best, chosen, trace, finished, n = {}, 0, -math.inf, math.nan, [], [], 0
+    while spent < budget:
+        while len(running) < concurrency:
+            trial = SimpleNamespace(trial_id=f"t{n:04d}")
+            n += 1
+            suggested = searcher.suggest(trial.trial_id)
+            cid = table.nearest({k: get_dotted(suggested, k) for k in table.keys})
+            if scheduler is not None:
+                scheduler.on_trial_add(None, trial)
+            running[trial.trial_id] = {"trial": trial, "cid": cid, "curve": table.curves[cid], "epoch": 0,
+                                       "last": None}
+        for tid in list(running):
+            run = running[tid]
+            run["epoch"] += 1
+            spent += 1
+            epoch = run["epoch"]
+            action = TrialScheduler.CONTINUE
+            if epoch % every == 0 or epoch == max_t:
+                result = {"training_iteration": epoch, METRIC: float(run["curve"][epoch - 1])}
+                run["last"] = result
+                if result[METRIC] > best:
+                    best, chosen = result[METRIC], table.plateau[run["cid"]]
+                trace.append((spent, best, chosen))
+                searcher.on_trial_result(tid, result)
+                if scheduler is not None:
+                    action = scheduler.on_trial_result(None, run["trial"], result)
+            if epoch >= max_t or action == TrialScheduler.STOP:
+                searcher.on_trial_complete(tid, result=run["last"])
+                if scheduler is not None and run["last"] is not None:
+                    scheduler.on_trial_complete(None, run["trial"], run["last"])
+                finished.append((run["cid"], epoch))
+                del running[tid]
+            if spent >= budget:
+                break
+    return trace, finished
+
+
+def best_at(trace: list[tuple], grid: np.ndarray, column: int = 1) -> np.ndarray:
+    """The trace's ``column`` (1: best k-NN seen, 2: the chosen configuration's plateau) at ``grid`` epochs."""
+    spent = np.array([t[0] for t in trace])
+    values = np.array([t[column] for t in trace])
+    idx = np.searchsorted(spent, grid, side="right") - 1
+    return np.where(idx >= 0, values[np.clip(idx, 0, None)], np.nan)
+
+
+def epochs_to_reach(trace, target: float) -> float:
+    return next((float(t[0]) for t in trace if t[1] >= target), math.inf)
+
+
+def spearman(x, y) -> float:
+    x, y = pd.Series(np.asarray(x, float)).rank(), pd.Series(np.asarray(y, float)).rank()
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def spearman_ci(x, y, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Spearman's rho and a 95% percentile bootstrap interval (pairs resampled)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(x), len(x))
+        if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0:
+            boots.append(spearman(x[i], y[i]))
+    return spearman(x, y), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
+def correlations(table: Table, students: pd.DataFrame | None) -> dict:
+    """How well an early k-NN ranks teachers by their plateau (what ASHA relies on), and how well
+    a teacher's k-NN ranks the students distilled from it (what stage 1 relies on)."""
+    cids = sorted(table.curves)
+    plateau = [table.plateau[c] for c in cids]
+    out = {f"knn_epoch{e}_vs_plateau": spearman_ci([table.curves[c][e - 1] for c in cids], plateau)
+           for e in (10, 25, 50, 75)}
+    if students is not None and len(students):
+        per = students.groupby("config").agg(teacher=("teacher_knn_top1", "first"), student=("val_top1", "max"))
+        out["pairs"] = len(per)
+        if len(per) >= 4:
+            out["teacher_knn_vs_student_val"] = spearman_ci(per["teacher"], per["student"])
+    for k, v in out.items():
+        print(f"{k}: " + (f"rho {v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]" if isinstance(v, tuple) else str(v)))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--seeds", type=int, default=20)
+    p.add_argument("--budget-trials", type=int, default=16, help="random search's full budget, in whole trials")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--knn-every", type=int, default=0, help="report k-NN every N epochs (0 = the recipe's)")
+    p.add_argument("--methods", nargs="+", default=["random", "random+asha", "tpe", "tpe+asha"])
+    p.add_argument("--grace-periods", type=int, nargs="*", default=[],
+                   help="also replay tpe+asha with these grace periods (x reduction factors below)")
+    p.add_argument("--reduction-factors", type=int, nargs="*", default=[2])
+    p.add_argument("--out", default=str(TABLE / "replay.json"))
+    p.add_argument("--plot", default=str(ROOT / "docs" / "search_replay.png"))
+    args = p.parse_args()
+    import logging
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("ray.tune").setLevel(logging.ERROR)
+
+    overrides = dict(BENCH_OVERRIDES)
+    if args.knn_every:
+        overrides["teacher.knn_every"] = args.knn_every
+    cfg = load_config(ROOT / "experiments" / "configs" / "cifar10_50" / "base.yaml", overrides)
+    teachers = pd.read_csv(TABLE / "teachers.csv")
+    keys = [k for k in teachers.columns if k.startswith("teacher.")]
+    table = Table(teachers, keys)
+    max_t = cfg.teacher.epochs
+    budget = args.budget_trials * max_t
+    runs = {m: {} for m in args.methods}
+    variants = [(g, r) for g in args.grace_periods for r in args.reduction_factors]
+    for g, r in variants:
+        runs[f"tpe+asha g{g} r{r}"] = {}
+    for name in runs:
+        method = "tpe+asha" if name.startswith("tpe+asha ") else name
+        c = cfg
+        if name.startswith("tpe+asha "):
+            g, r = (int(x[1:]) for x in name.split()[1:])
+            c = cfg.with_overrides({"tune.grace_period": g, "tune.reduction_factor": r})
+        for seed in range(args.seeds):
+            runs[name][seed] = replay(method, seed, c, table, 2 * budget, args.concurrency, max_t)[0]
+    target = float(np.median([best_at(t, np.array([budget]))[0] for t in runs["random"].values()]))
+    grid = np.linspace(max_t // 10 or 1, 2 * budget, 200)
+    summary = {"configurations": len(table.curves), "budget_epochs": budget, "target": target,
+               "table_best": float(max(c.max() for c in table.curves.values())),
+               "table_best_plateau": float(max(table.plateau.values())),
+               "start_point_best": float(table.curves[table.nearest(
+                   {k: get_dotted(cfg.to_dict(), k) for k in keys})].max()),
+               "knn_every": cfg.teacher.knn_every, "concurrency": args.concurrency, "seeds": args.seeds,
+               "methods": {}}
+    for name, traces in runs.items():
+        reach = [epochs_to_reach(t, target) for t in traces.values()]
+        at_budget = [best_at(t, np.array([budget]))[0] for t in traces.values()]
+        summary["methods"][name] = {
+            "median_epochs_to_target": float(np.median(reach)), "ratio_to_budget": float(np.median(reach) / budget),
+            "reached": int(sum(math.isfinite(x) for x in reach)),
+            "best_at_budget_median": float(np.median(at_budget)),
+            "best_at_half_budget_median": float(np.median([best_at(t, np.array([budget // 2]))[0]
+                                                           for t in traces.values()])),
+            "chosen_plateau_at_budget_median": float(np.median([best_at(t, np.array([budget]), 2)[0]
+                                                                for t in traces.values()])),
+            "chosen_plateau_at_half_budget_median": float(np.median([best_at(t, np.array([budget // 2]), 2)[0]
+                                                                     for t in traces.values()]))}
+        m = summary["methods"][name]
+        print(f"{name:<22} reaches {target:.1f} in median {m['median_epochs_to_target']:.0f} epochs "
+              f"({m['ratio_to_budget']:.2f}x of random's {budget}; {m['reached']}/{args.seeds} seeds within 2x), "
+              f"best at 0.5x budget {m['best_at_half_budget_median']:.1f}, at 1x {m['best_at_budget_median']:.1f}; "
+              f"chosen configuration's plateau at 0.5x {m['chosen_plateau_at_half_budget_median']:.1f}, "
+              f"at 1x {m['chosen_plateau_at_budget_median']:.1f}")
+    students = TABLE / "students.csv"
+    summary["correlations"] = correlations(table, pd.read_csv(students) if students.exists() else None)
+    Path(args.out).write_text(json.dumps(summary, indent=2))
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for name in [n for n in runs if not n.startswith("tpe+asha ")]:
+            curves = np.array([best_at(t, grid) for t in runs[name].values()])
+            med = np.nanmedian(curves, 0)
+            line, = ax.plot(grid, med, label=name)
+            ax.fill_between(grid, np.nanpercentile(curves, 25, 0), np.nanpercentile(curves, 75, 0),
+                            color=line.get_color(), alpha=0.15)
+        ax.axhline(target, color="grey", ls=":", lw=1, label="random's best at its full budget (median)")
+        ax.axvline(budget, color="grey", ls="--", lw=0.8)
+        ax.set_xlabel("compute (teacher epochs)")
+        ax.set_ylabel("best k-NN top-1 seen (val, %)")
+        ax.set_title(f"{len(table.curves)} real phase-1 runs, {args.seeds} seeds (median, quartiles)")
+        ax.legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=110)
+        print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

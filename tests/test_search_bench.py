@@ -1,0 +1,83 @@
+"""The search benchmark: its design, and replays of the stored table through the main job's own
+searcher and scheduler (raypipe.search.make_searcher / make_scheduler), so the benchmark keeps
+measuring the real search as the code changes."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE = ROOT / "bench" / "search" / "teachers.csv"
+
+
+def load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def replay_mod():
+    return load(ROOT / "bench" / "search_replay.py")
+
+
+@pytest.fixture(scope="module")
+def table(replay_mod):
+    teachers = pd.read_csv(TABLE)
+    return replay_mod.Table(teachers, [k for k in teachers.columns if k.startswith("teacher.")])
+
+
+@pytest.fixture(scope="module")
+def bench_cfg(replay_mod):
+    from raypipe.config import load_config
+    return load_config(ROOT / "experiments" / "configs" / "cifar10_50" / "base.yaml", replay_mod.BENCH_OVERRIDES)
+
+
+def test_design_starts_at_the_recipe_and_fills_the_space():
+    bench = load(ROOT / "experiments" / "search_bench.py")
+    points = bench.design(12)
+    assert points[0] == {"teacher.margin": 0.4, "teacher.temperature": 0.2, "teacher.queue_size": 128,
+                         "teacher.lr": 0.24}
+    for p in points[1:]:
+        assert 0 <= p["teacher.margin"] <= 0.8 and 0.07 <= p["teacher.temperature"] <= 0.5
+        assert p["teacher.queue_size"] in (32, 64, 128, 256, 480) and 0.06 <= p["teacher.lr"] <= 0.96
+    assert len({p["teacher.queue_size"] for p in points}) >= 4  # space-filling, not one corner
+    assert bench.design(12) == points  # fixed: a resumed run continues the same design
+
+
+def test_stored_table_holds_whole_curves(table):
+    assert len(table.curves) >= 20
+    assert all(len(c) == 100 for c in table.curves.values())
+    assert table.nearest(table.params.iloc[3].to_dict()) == table.params.index[3]
+
+
+def test_main_job_search_starts_from_the_recipe_and_asha_stops_by_grace_period(replay_mod, table, bench_cfg):
+    recipe = table.curves[0]
+    trace, finished = replay_mod.replay("tpe+asha", 0, bench_cfg, table, budget=1200, concurrency=1, max_t=100)
+    # the first trial is the config's own point (the paper's values): the recipe's curve, reported every 10 epochs
+    assert finished[0][0] == 0 and trace[0] == (10, recipe[9], table.plateau[0])
+    assert all(b2 >= b1 for (_, b1, _), (_, b2, _) in zip(trace, trace[1:]))
+    # default grace period: half the epochs, so no trial stops before epoch 50; some stop there
+    assert min(e for _, e in finished) == 50 and any(e == 100 for _, e in finished)
+    early = bench_cfg.with_overrides({"tune.grace_period": 2})
+    _, finished_early = replay_mod.replay("tpe+asha", 0, early, table, budget=1200, concurrency=1, max_t=100)
+    assert min(e for _, e in finished_early) < 50 and len(finished_early) > len(finished)
+
+
+def test_random_search_without_scheduler_trains_every_trial_in_full(replay_mod, table, bench_cfg):
+    trace, finished = replay_mod.replay("random", 1, bench_cfg, table, budget=500, concurrency=2, max_t=100)
+    assert [e for _, e in finished] == [100] * 4 and trace[-1][0] == 500  # 2 more were cut by the budget
+    assert finished[0][0] != 0 or finished[1][0] != 0  # no start point for the baseline
+
+
+def test_grace_period_default_is_half_the_trial():
+    from raypipe.config import load_config
+    from raypipe.search import grace_period
+    cfg = load_config()
+    assert grace_period(cfg, 100) == 50 and grace_period(cfg, 3) == 1
+    assert grace_period(cfg.with_overrides({"tune.grace_period": 5}), 100) == 5
+    assert grace_period(cfg.with_overrides({"tune.grace_period": 5}), 3) == 3
