@@ -224,6 +224,17 @@ def student_val(run: str) -> float | None:
     return m["val_top1"] if m else None
 
 
+def knn_curve(teacher: str) -> str:
+    """The k-NN monitor of ``teacher_<teacher>`` by epoch: ``10:25.2 20:25.0 ...`` (or -)."""
+    import pandas as pd
+
+    path = RUNS / f"teacher_{teacher}" / "metrics.csv"
+    if not path.is_file():
+        return "-"
+    df = pd.read_csv(path).dropna(subset=["knn_top1"])
+    return " ".join(f"{int(e) + 1}:{v:.1f}" for e, v in zip(df["epoch"], df["knn_top1"]))
+
+
 def eval_top1(name: str) -> float | None:
     r = load(RUNS / "eval" / name / "report.json")
     return r["top1"] if r else None
@@ -467,16 +478,17 @@ def write_table(steps: list[Step]) -> None:
     write_block(RESULTS, table(steps))
 
 
-def runner_args(argv: list[str] | None, description: str, doc: Path, only_help: str) -> argparse.Namespace:
+def runner_args(argv: list[str] | None, description: str, doc: Path, only_help: str,
+                data_default: str = "../shared/data/cifar10-50") -> argparse.Namespace:
     """The command line every runner of this folder shares; checks the data, moves to the repo."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="../shared/data/cifar10-50", help="the cifar10-50 folder")
+    p.add_argument("--data", default=data_default, help=f"the {Path(data_default).name} folder")
     p.add_argument("--table-only", action="store_true", help=f"only rewrite {doc} from the run folders")
     p.add_argument("--only", nargs="+", help=only_help)
     args = p.parse_args(argv)
     os.chdir(REPO)
     if not args.table_only and not Path(args.data, "train").is_dir():
-        raise SystemExit(f"{args.data}/train not found: pass --data PATH/TO/cifar10-50")
+        raise SystemExit(f"{args.data}/train not found: pass --data PATH/TO/{Path(data_default).name}")
     return args
 
 

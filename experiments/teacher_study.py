@@ -16,7 +16,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("cifar10_50", REPO / "experiments" / "cifar10_50.py")
@@ -57,14 +56,6 @@ def steps(data: str) -> list:
     return out
 
 
-def knn_curve(arm: str) -> str:
-    path = repro.RUNS / f"teacher_{arm}" / "metrics.csv"
-    if not path.is_file():
-        return "-"
-    df = pd.read_csv(path).dropna(subset=["knn_top1"])
-    return " ".join(f"{int(e) + 1}:{v:.1f}" for e, v in zip(df["epoch"], df["knn_top1"]))
-
-
 def table() -> str:
     fmt = repro.fmt
     random = repro.load(probe_file(RANDOM)) or {}
@@ -74,7 +65,7 @@ def table() -> str:
         probe = repro.load(probe_file(arm)) or {}
         gain = {s: probe[f"{s}_knn_top1"] - random[f"{s}_knn_top1"] if f"{s}_knn_top1" in probe
                 and f"{s}_knn_top1" in random else None for s in ("val", "test")}
-        rows.append(f"| `{arm}` | {' '.join(overrides) or '(base.yaml)'} | {knn_curve(arm)} | "
+        rows.append(f"| `{arm}` | {' '.join(overrides) or '(base.yaml)'} | {repro.knn_curve(arm)} | "
                     f"{fmt(probe.get('val_knn_top1'))} | {fmt(gain['val'])} | {fmt(probe.get('test_knn_top1'))} | "
                     f"{fmt(gain['test'])} | "
                     f"{fmt(probe.get('val_top1'))} | {fmt(probe.get('test_top1'))} | {probe.get('probe_lr', '-')} | "

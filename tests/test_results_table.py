@@ -158,3 +158,41 @@ def test_teacher_study_steps_are_valid_commands_and_its_table_reads_the_probes(r
     assert "| 40.50 | 19.50 | 39.00 | 19.00 | 41.00 | 40.00 | 10.0 |" in row   # k-NN, gain over random, ...
     random_row = [line for line in repro.RESULTS.read_text().splitlines() if line.startswith("| random")][0]
     assert "| 21.00 | - | 20.00 | - | 20.00 | 19.00 |" in random_row
+
+
+def test_tinyimagenet_runner_steps_and_table(tmp_path, monkeypatch):
+    """experiments/tinyimagenet_50.py: valid commands on its own configs (200 classes' recipe), its
+    steps recorded under its own folder, and a table with the gaps and the teacher's gain."""
+    from raypipe.cli import parse_args
+    monkeypatch.chdir(REPO)
+    spec = importlib.util.spec_from_file_location("tinyimagenet_50", REPO / "experiments" / "tinyimagenet_50.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    lib = tiny.steps_lib
+    monkeypatch.setattr(lib, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(tiny, "RUNS", tmp_path / "runs")
+    steps = tiny.steps("DATA")
+    names = [s.name for s in steps]
+    assert names[:3] == ["probe_random", "pretrain_teacher", "probe_teacher"] and len(names) == len(set(names))
+    assert {"supervised_s0", "supervised_s1", "distill_s0", "distill_s1", "finetune_s0",
+            "supervised_budget_s0"} <= set(names) and "finetune_s1" not in names
+    for step in steps:
+        cfg = _load(parse_args(build_parser(), step.argv))
+        assert cfg.data.root == "DATA" and cfg.output_dir == "runs/tinyimagenet_50"
+        if step.argv[0] == "distill":
+            assert ("--teacher" in step.argv) == (cfg.student.mode != "supervised")
+            assert arch_of(cfg.student) == arch_of(cfg.teacher)
+    assert lib.record_path(steps[0]).parent == tmp_path / "runs" / "steps"  # not the CIFAR runner's folder
+    for seed, (sup, dis) in enumerate([(20.0, 30.0), (22.0, 34.0)]):
+        for recipe, test in (("supervised", sup), ("distill", dis)):
+            put(lib.RUNS / f"{recipe}_s{seed}" / "metrics.json", {"val_top1": test - 1})
+            put(lib.RUNS / "eval" / f"{recipe}_s{seed}_test" / "report.json", {"top1": test})
+    put(lib.RUNS / "eval" / "supervised_budget_s0_test" / "report.json", {"top1": 25.0})
+    put(lib.RUNS / "supervised_budget_s0" / "metrics.json", {"val_top1": 24.0})
+    put(tiny.probe_file("random"), {"val_knn_top1": 5.0, "test_knn_top1": 4.0, "val_top1": 6.0, "test_top1": 5.5})
+    put(tiny.probe_file("teacher"), {"val_knn_top1": 12.5, "test_knn_top1": 11.0, "val_top1": 15.0, "test_top1": 14.0})
+    doc = tiny.table(steps)
+    assert "minus supervised (test, seed means): **+11.00 points**" in doc     # 32 - 21
+    assert "minus the budget-matched supervised run: **+7.00 points**" in doc  # 32 - 25
+    assert "| gain over random weights | +7.50 | +7.00 | +9.00 | +8.50 |" in doc
+    assert "**21.00 ± 1.41** (20.00, 22.00)" in doc

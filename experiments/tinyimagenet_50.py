@@ -1,0 +1,133 @@
+"""The paper's regime in miniature: Tiny ImageNet, 200 classes x 50 labelled images -> the Tiny
+ImageNet section of docs/results.md.
+
+    python experiments/tinyimagenet_50.py                # run every step not yet done, then write the table
+    python experiments/tinyimagenet_50.py --table-only   # rewrite the table from runs/tinyimagenet_50 only
+    python experiments/tinyimagenet_50.py --only probe_random pretrain_teacher   # some steps
+
+The phase ablation (supervised; phase 1 + linear probe; phase 1 + fine-tune; phase 1 + phase 2),
+2 seeds for supervised and phase 1 + phase 2, the teacher's gain over random weights (k-NN and
+linear probe), and the supervised baseline given the CPU time of phase 1 + phase 2. Steps, step
+records (resume: a finished step is not run again), logs and the table's helpers are those of
+experiments/cifar10_50.py, in its own instance pointed at runs/tinyimagenet_50 and
+experiments/configs/tinyimagenet_50. Every model trains on `train`; choices are made on `val`;
+`test` (the official labelled hold-out, 10,000 images) gives the reported numbers only.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = Path("runs/tinyimagenet_50")
+CONFIGS = "experiments/configs/tinyimagenet_50"
+RESULTS = Path("docs/results.md")
+DATA = "../shared/data/tinyimagenet-50"
+SEEDS = (0, 1)
+BEGIN, END = "<!-- tinyimagenet:begin (written by experiments/tinyimagenet_50.py) -->", "<!-- tinyimagenet:end -->"
+
+
+def _steps_machinery():
+    """experiments/cifar10_50.py as a module of its own (its globals are this runner's folders)."""
+    spec = importlib.util.spec_from_file_location("tinyimagenet_50_steps", REPO / "experiments" / "cifar10_50.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    module.RUNS, module.CONFIGS = RUNS, CONFIGS
+    return module
+
+
+steps_lib = _steps_machinery()
+Step = steps_lib.Step
+RECIPES = {"supervised": "supervised.yaml", "finetune": "finetune.yaml", "distill": "distill.yaml",
+           "supervised_budget": "supervised_budget.yaml"}  # the CIFAR runner's file names, this folder's files
+ROWS = {"supervised": SEEDS, "finetune": (0,), "distill": SEEDS, "supervised_budget": (0,)}
+TEACHER = "teacher"
+
+
+def probe_file(name: str) -> Path:
+    return RUNS / f"teacher_{name}" / "probe.json"
+
+
+def steps(data: str) -> list:
+    base = f"{CONFIGS}/base.yaml"
+    probe = ["--split", "val", "test", "--config", base]
+    out = [Step("probe_random", ["linear-probe", data, "--random-init", "--out", str(probe_file("random")), *probe],
+                probe_file("random")),
+           Step(f"pretrain_{TEACHER}", ["pretrain", data, "--config", base, "--name", f"teacher_{TEACHER}"],
+                steps_lib.teacher_file(TEACHER)),
+           Step(f"probe_{TEACHER}", ["linear-probe", data, "--teacher", str(steps_lib.teacher_file(TEACHER)),
+                                     "--out", str(probe_file(TEACHER)), *probe], probe_file(TEACHER))]
+    for seed in range(max(SEEDS) + 1):
+        for recipe, seeds in ROWS.items():
+            if seed not in seeds:
+                continue
+            run = f"{recipe}_s{seed}"
+            argv = ["distill", data, f"student.seed={seed}", "--config", f"{CONFIGS}/{RECIPES[recipe]}", "--name", run]
+            if not recipe.startswith("supervised"):
+                argv += ["--teacher", str(steps_lib.teacher_file(TEACHER))]
+            out += [Step(run, argv, steps_lib.student_file(run)), steps_lib.evaluate(data, f"{run}_test", [run], "test")]
+    return out
+
+
+def table(all_steps: list) -> str:
+    lib, fmt = steps_lib, steps_lib.fmt
+    means, rows = {}, []
+    probe, random = lib.load(probe_file(TEACHER)) or {}, lib.load(probe_file("random")) or {}
+
+    def student_row(label, recipe):
+        rows.append(f"{lib.seeds_row(label, recipe, ROWS[recipe], means)} {PAPER[recipe]} |")
+
+    def gain(key):
+        return None if probe.get(key) is None or random.get(key) is None else probe[key] - random[key]
+
+    def gap(a, b):
+        return None if means.get(a) is None or means.get(b) is None else means[a] - means[b]
+
+    student_row("supervised from scratch", "supervised")
+    rows.append(f"| phase 1 + linear probe | `base.yaml` | 0 | {fmt(probe.get('val_top1'))} | "
+                f"{fmt(probe.get('test_top1'))} | {fmt(lib.wall_min(f'pretrain_{TEACHER}', f'probe_{TEACHER}'), '.1f')}"
+                f" | 34.5 |")
+    student_row("phase 1 + full fine-tune", "finetune")
+    student_row("phase 1 + phase 2 (OFD, lambda 1e-3)", "distill")
+    student_row("supervised from scratch, the CPU time of phase 1 + phase 2", "supervised_budget")
+    recs = [r for r in (lib.load(lib.record_path(s)) for s in all_steps) if r]
+    out = [BEGIN, "",
+           f"Machine: {'; '.join(sorted({r['machine'] for r in recs})) or '-'}. Steps recorded: {len(recs)} of "
+           f"{len(all_steps)}, {sum(r['wall_s'] for r in recs) / 3600:.2f} h of wall time in all.",
+           "Test = the official Tiny ImageNet validation split (10,000 images, centre crop). Val = the disjoint 50 "
+           "images per class of `val`. Multi-seed cells: **mean ± sample sd** (each seed). *min per seed*: wall "
+           "minutes of the row's own training + test evaluation.", "",
+           "| row | config | seeds | val top-1 | test top-1 | min per seed | paper (ImageNet subset) |",
+           "|---|---|---|---|---|---|---|", *rows, "",
+           f"Phase 1 + phase 2 minus supervised (test, seed means): **{fmt(gap('distill', 'supervised'), '+.2f')} "
+           f"points** (goal: >= +5); minus the budget-matched supervised run: "
+           f"**{fmt(gap('distill', 'supervised_budget'), '+.2f')} points**.", "",
+           "| teacher | k-NN val | k-NN test | linear val | linear test |", "|---|---|---|---|---|",
+           f"| random weights | {fmt(random.get('val_knn_top1'))} | {fmt(random.get('test_knn_top1'))} | "
+           f"{fmt(random.get('val_top1'))} | {fmt(random.get('test_top1'))} |",
+           f"| phase 1 (`base.yaml`) | {fmt(probe.get('val_knn_top1'))} | {fmt(probe.get('test_knn_top1'))} | "
+           f"{fmt(probe.get('val_top1'))} | {fmt(probe.get('test_top1'))} |",
+           f"| gain over random weights | {fmt(gain('val_knn_top1'), '+.2f')} | {fmt(gain('test_knn_top1'), '+.2f')} | "
+           f"{fmt(gain('val_top1'), '+.2f')} | {fmt(gain('test_top1'), '+.2f')} |", "",
+           f"Teacher k-NN val by epoch (the pilot): {lib.knn_curve(TEACHER)}", "",
+           "Every command, in the order run:", "", "```", *lib.commands_block(all_steps), "```", "", END]
+    return "\n".join(out)
+
+
+PAPER = {"supervised": "27.9", "finetune": "39.4", "distill": "44.6", "supervised_budget": "-"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = steps_lib.runner_args(argv, __doc__, RESULTS, "run just these steps (names as in runs/tinyimagenet_50/steps)",
+                                 data_default=DATA)
+    all_steps = steps(args.data)
+    if not args.table_only:
+        steps_lib.run_all(all_steps, set(args.only) if args.only else None)
+    steps_lib.write_block(RESULTS, table(all_steps), BEGIN, END)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
