@@ -8,6 +8,7 @@ configuration of the table (unit cube: margin linear, temperature, K and lr loga
 Reported: the best k-NN seen against epochs of compute (median and quartiles over seeds, PNG), and
 the compute TPE + ASHA needs to reach the best that random search reaches with its full budget.
 
+    pip install -e ".[bench]"     # CMA-ES (Optuna's CmaEsSampler needs the cmaes package)
     python bench/search_replay.py [--seeds 20] [--budget-trials 16] [--concurrency 1]
 """
 from __future__ import annotations
@@ -68,9 +69,11 @@ def replay(method: str, seed: int, cfg: Config, table: Table, budget: int, concu
     np.random.seed(seed)  # ASHA picks brackets with numpy's global RNG
     cfg = cfg.with_overrides({"tune.seed": seed})
     space, point = teacher_space(cfg, n_train)
-    tpe = method.startswith("tpe")
-    searcher = make_searcher(cfg, METRIC, point if tpe else None,
-                             None if tpe else optuna.samplers.RandomSampler(seed=seed))
+    name = method.split("+")[0]
+    samplers = {"tpe": lambda: None,  # the main job's own TPE
+                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+                "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)}
+    searcher = make_searcher(cfg, METRIC, None if name == "random" else point, samplers[name]())
     searcher.set_search_properties(METRIC, "max", param_space(cfg, space))
     scheduler = make_scheduler(cfg, max_t) if method.endswith("asha") else None
     if scheduler is not None:
@@ -165,7 +168,8 @@ def main():
     p.add_argument("--budget-trials", type=int, default=16, help="random search's full budget, in whole trials")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--knn-every", type=int, default=0, help="report k-NN every N epochs (0 = the recipe's)")
-    p.add_argument("--methods", nargs="+", default=["random", "random+asha", "tpe", "tpe+asha"])
+    p.add_argument("--methods", nargs="+", default=["random", "random+asha", "tpe", "tpe+asha", "cmaes+asha"],
+                   help="searcher[+asha]: tpe (the main job's), random, cmaes (needs pip install '.[bench]')")
     p.add_argument("--grace-periods", type=int, nargs="*", default=[],
                    help="also replay tpe+asha with these grace periods (x reduction factors below)")
     p.add_argument("--reduction-factors", type=int, nargs="*", default=[2])
