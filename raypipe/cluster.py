@@ -134,14 +134,56 @@ def ensure_ray(**init_kwargs) -> None:
 # and the raylet warns about "N PYTHON worker processes have been started" when Ray Data tasks with
 # fractional CPUs start workers in bursts (expected here; nothing for the user to change).
 RAY_COMPONENT_LOG = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [IWEF] \d+ \d+\] "
-                               r"|.*PYTHON worker processes have been started on node")
+                               r"|.*PYTHON worker processes have been started on node"
+                               # the stack dump a worker writes when it is terminated (an early-stopped trial)
+                               r"|^\*\*\* SIGTERM received at time=|^(PC: )?\s*@ +0x[0-9a-f]+ ")
+
+
+class StoppedTrialTracebacks:
+    """Holds back, per process, a Train worker's "Error in training function" traceback until its
+    exception is known: dropped when it is the one a worker of an early-stopped trial raises (its
+    data coordinator died with the trial's driver: ``ActorDiedError`` ... "owner has died"),
+    passed on whole otherwise. A traceback spans several batches of lines."""
+
+    START, CAUSE, GONE = "Error in training function", "The actor is dead because", "owner has died"
+    EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
+
+    def __init__(self):
+        self.held: dict = {}   # pid -> [lines, the exception is ActorDiedError]
+
+    def __call__(self, pid, lines: list[str]) -> list[str]:
+        out = []
+        for line in lines:
+            held = self.held.get(pid)
+            if held is None:
+                if self.START in line:
+                    self.held[pid] = [[line], False]
+                else:
+                    out.append(line)
+                continue
+            held[0].append(line)
+            if held[1] and self.CAUSE in line:      # Ray's last detail line: why the actor died
+                if self.GONE not in line:           # not a stopped trial's teardown: show it
+                    out += held[0]
+                del self.held[pid]
+            elif self.EXCEPTION.match(line):
+                if line.startswith("ray.exceptions.ActorDiedError"):
+                    held[1] = True                  # its last detail line says whose death
+                else:
+                    out += held[0]
+                    del self.held[pid]
+            elif held[1] and len(held[0]) > 200:    # not the expected ending after all: show it
+                out += held[0]
+                del self.held[pid]
+        return out
 
 
 def hide_ray_component_logs() -> None:
-    """Drop Ray's own C++ log lines (e.g. an actor killed twice at shutdown, logged as an error) and
-    the raylet's worker start-up warning from what the cluster sends to this driver (worker logs and
-    errors pushed to the driver); the job's own output, Python tracebacks and the raylet's other
-    messages (e.g. OOM kills) pass. Wraps Ray's private ``print_to_stdstream`` (Ray is pinned
+    """Drop Ray's own C++ log lines (e.g. an actor killed twice at shutdown, logged as an error), the
+    raylet's worker start-up warning, and what the workers of an early-stopped trial print while
+    they are torn down (a SIGTERM stack dump, the data coordinator's ``ActorDiedError``) from what
+    the cluster sends to this driver (worker logs and errors pushed to the driver); the job's own
+    output, other Python tracebacks and the raylet's other messages (e.g. OOM kills) pass. Wraps Ray's private ``print_to_stdstream`` (Ray is pinned
     < 2.61; if it moves, nothing is filtered); call before ``ray.init``, which binds it."""
     try:
         from ray._private import worker
@@ -151,8 +193,11 @@ def hide_ray_component_logs() -> None:
     if getattr(show, "raypipe_filter", False):
         return
 
+    stopped_trials = StoppedTrialTracebacks()
+
     def filtered(data: dict, ignore_prefix: bool) -> None:
-        lines = [line for line in data.get("lines", []) if not RAY_COMPONENT_LOG.match(line)]
+        lines = stopped_trials(data.get("pid"), [line for line in data.get("lines", [])
+                                                 if not RAY_COMPONENT_LOG.match(line)])
         if lines:
             show({**data, "lines": lines}, ignore_prefix)
     filtered.raypipe_filter = True

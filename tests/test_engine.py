@@ -117,3 +117,28 @@ def test_ray_component_logs_are_hidden_from_the_driver_unless_verbose(ray_cluste
     out = capsys.readouterr()
     assert "skipped 3 unreadable image(s)" in out.err and "gcs_actor_scheduler.cc" not in out.err
     assert oom in out.out and "PYTHON worker processes" not in out.out
+
+
+def test_stopped_trial_teardown_is_hidden_and_real_worker_errors_pass():
+    """What an early-stopped trial's Train worker prints while it is torn down (seen in the main
+    job's output): its SIGTERM stack dump and the ActorDiedError of its data coordinator, whose
+    owner (the trial's driver) is gone. Split over batches of lines, as the log monitor sends them.
+    Any other traceback of a worker passes whole, in order."""
+    from raypipe.cluster import RAY_COMPONENT_LOG, StoppedTrialTracebacks
+    dump = ["*** SIGTERM received at time=1796003067 on cpu 1 ***",
+            "PC: @     0x7f6e5a6a3f16  (unknown)  (unknown)", "    @     0x7f6e5a65a050  (unknown)  (unknown)"]
+    assert all(RAY_COMPONENT_LOG.match(line) for line in dump)
+    assert not RAY_COMPONENT_LOG.match("*** SIGSEGV received at time=1796003067 on cpu 1 ***")
+    head = ["Error in training function:", "Traceback (most recent call last):",
+            '  File "/repo/raypipe/student.py", line 106, in train_loop', "    for batch in loop.batches(epoch):"]
+    died = ["ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.",
+            "\tclass_name: SplitCoordinator", "\tactor_id: 0f4d654f97e05b970a62cd1801000000"]
+    owner_gone = ["The actor is dead because its owner has died. Owner Id: 1e91 Owner Ip address: 192.0.2.2"]
+    filt = StoppedTrialTracebacks()
+    assert filt(7, ["epoch line", *head]) == ["epoch line"]       # held back until the exception is known
+    assert filt(7, died) == [] and filt(7, [*owner_gone, "next line"]) == ["next line"]
+    real = [*head, "ValueError: teacher weights do not fit resnet18"]
+    assert filt(8, real[:3]) == [] and filt(8, real[3:]) == real   # another error: whole, in order
+    killed = [*head, *died, "The actor is dead because it was killed by `ray.kill`."]
+    assert filt(9, killed) == killed                              # another actor death: shown
+    assert filt(10, head) == [] and filt(11, ["other process"]) == ["other process"]  # per process
