@@ -156,7 +156,9 @@ def correlations(table: Table, students: pd.DataFrame | None) -> dict:
         per = students.groupby("config").agg(teacher=("teacher_knn_top1", "first"), student=("val_top1", "max"))
         out["pairs"] = len(per)
         if len(per) >= 4:
+            # the student's own teacher (trained again for it), and the configuration's run in the table
             out["teacher_knn_vs_student_val"] = spearman_ci(per["teacher"], per["student"])
+            out["config_plateau_vs_student_val"] = spearman_ci([table.plateau[c] for c in per.index], per["student"])
     for k, v in out.items():
         print(f"{k}: " + (f"rho {v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]" if isinstance(v, tuple) else str(v)))
     return out
