@@ -28,8 +28,19 @@ from raypipe.search import make_scheduler, make_searcher, param_space, teacher_s
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "bench" / "search"
 METRIC = "knn_top1"
-# the benchmark's space = the main job's (tune.* defaults) with teacher.lr searched too
-BENCH_OVERRIDES = {"tune.lr_range": [0.06, 0.96]}
+
+
+def _table_design():
+    """experiments/search_bench.py, which made the table and holds its space."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("search_bench", ROOT / "experiments" / "search_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# the benchmark's space = the main job's (tune.* defaults) with teacher.lr searched over the table's range
+BENCH_OVERRIDES = {"tune.lr_range": list(_table_design().SPACE["teacher.lr"][1:])}
 LOG_KEYS = ("teacher.temperature", "teacher.queue_size", "teacher.lr")
 
 

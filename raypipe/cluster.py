@@ -183,8 +183,9 @@ def hide_ray_component_logs() -> None:
     raylet's worker start-up warning, and what the workers of an early-stopped trial print while
     they are torn down (a SIGTERM stack dump, the data coordinator's ``ActorDiedError``) from what
     the cluster sends to this driver (worker logs and errors pushed to the driver); the job's own
-    output, other Python tracebacks and the raylet's other messages (e.g. OOM kills) pass. Wraps Ray's private ``print_to_stdstream`` (Ray is pinned
-    < 2.61; if it moves, nothing is filtered); call before ``ray.init``, which binds it."""
+    output, other Python tracebacks and the raylet's other messages (e.g. OOM kills) pass. Wraps
+    Ray's private ``print_to_stdstream`` (Ray is pinned < 2.61; if it moves, nothing is filtered);
+    call before ``ray.init``, which binds it."""
     try:
         from ray._private import worker
         show = worker.print_to_stdstream
