@@ -90,7 +90,7 @@ def table(all_steps: list) -> str:
                 f"{fmt(probe.get('test_top1'))} | {fmt(lib.wall_min(f'pretrain_{TEACHER}', f'probe_{TEACHER}'), '.1f')}"
                 f" | 34.5 |")
     student_row("phase 1 + full fine-tune", "finetune")
-    student_row("phase 1 + phase 2 (OFD, lambda 1e-3)", "distill")
+    student_row("phase 1 + phase 2 (OFD, lambda 1e-4)", "distill")
     student_row("supervised from scratch, the CPU time of phase 1 + phase 2", "supervised_budget")
     recs = [r for r in (lib.load(lib.record_path(s)) for s in all_steps) if r]
     out = [BEGIN, "",

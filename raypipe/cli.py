@@ -48,6 +48,11 @@ def cmd_check_data(args) -> None:
 
 
 def cmd_config(args) -> None:
+    if args.keys:
+        from .config import describe
+        for key, default, doc in describe():
+            print(f"{key} = {default!r}" + (f"  # {doc}" if doc else ""))
+        return
     cfg = _load(args)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
 
@@ -132,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(d)
     d.set_defaults(fn=cmd_check_data)
 
-    s = sub.add_parser("config", help="print the resolved, validated config")
+    s = sub.add_parser("config", help="print the resolved, validated config (--keys: every key, its default and meaning)")
+    s.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
     _config_args(s)
     s.set_defaults(fn=cmd_config, data=None)
 

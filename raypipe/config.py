@@ -447,7 +447,7 @@ def _check_fields(node, prefix: str) -> None:
 
 
 def describe() -> list[tuple[str, Any, str]]:
-    """(dotted key, default, doc) for every field: used by ``raypipe config --help``."""
+    """(dotted key, default, doc) for every field: what ``raypipe config --keys`` prints."""
     rows = []
 
     def walk(node, prefix):

@@ -104,3 +104,21 @@ def test_main_job_presets_and_typed_flags():
     assert plain.teacher.epochs == Config().teacher.epochs and plain.data.root == "/d"
     assert plain.tune.max_concurrent_trials == 3
     assert sorted(p.stem for p in PRESETS.glob("*.yaml")) == ["laptop", "smoke"]
+
+
+def test_config_keys_lists_every_key_with_its_default_and_meaning(capsys):
+    """`raypipe config --keys`: one line per settable key, the default as a valid override value."""
+    from raypipe.cli import main
+
+    def flat(node, prefix=""):
+        for key, value in node.items():
+            yield from flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key]
+
+    assert main(["config", "--keys"]) in (0, None)
+    lines = capsys.readouterr().out.splitlines()
+    keys = [line.split(" = ")[0] for line in lines]
+    assert keys == list(flat(Config().to_dict()))
+    margin = next(line for line in lines if line.startswith("teacher.margin = "))
+    assert f"= {Config().teacher.margin!r}  # " in margin
+    assert load_config(overrides=[line.split("  # ")[0].replace(" = ", "=", 1).replace("'", "") for line in lines
+                                  if line.startswith("teacher.")]).teacher == Config().teacher

@@ -133,6 +133,19 @@ def test_impossible_worker_count_fails_before_any_resource_is_asked(ray_cluster,
     assert_clean(timeout=5)
 
 
+def test_queue_longer_than_the_training_set_fails_before_anything_starts(tiny_config):
+    """64 training images at a global batch of 8: K = 72 would keep stale duplicate keys. One error
+    names both numbers and the longest valid K (64) before Ray or the run folder is touched."""
+    import ray
+
+    ray_was_up = ray.is_initialized()
+    cfg = tiny_config("name=longqueue", "teacher.queue_size=72")
+    with pytest.raises(ConfigError, match=r"queue_size=72 exceeds the 64 training images.*use at most 64"):
+        pretrain(cfg)
+    assert ray.is_initialized() == ray_was_up
+    assert not (Path(cfg.output_dir) / "longqueue").exists()
+
+
 @pytest.mark.slow
 def test_cold_autoscaling_cluster_gets_gpu_requests_not_cpu_training(ray_cluster, tiny_data, tmp_path):
     """resources.use_gpu=true on an autoscaling cluster whose GPU nodes do not exist yet: the run
