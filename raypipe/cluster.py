@@ -140,12 +140,15 @@ RAY_COMPONENT_LOG = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [IWEF] \d
 
 
 class StoppedTrialTracebacks:
-    """Holds back, per process, a Train worker's "Error in training function" traceback until its
-    exception is known: dropped when it is the one a worker of an early-stopped trial raises (its
-    data coordinator died with the trial's driver: ``ActorDiedError`` ... "owner has died"),
-    passed on whole otherwise. A traceback spans several batches of lines."""
+    """Holds back, per process, a worker's traceback until its exception is known, and drops the
+    two an early-stopped trial's workers print while they are torn down: the "Error in training
+    function" whose data coordinator died with the trial's driver (``ActorDiedError`` ... "owner
+    has died"), and the "Exception ignored in" note of the ``SystemExit`` that Ray's SIGTERM handler
+    raises inside garbage collection. Any other traceback is passed on whole. A traceback spans
+    several batches of lines."""
 
-    START, CAUSE, GONE = "Error in training function", "The actor is dead because", "owner has died"
+    STARTS = ("Error in training function", "Exception ignored in:")
+    CAUSE, GONE, SIGTERM_EXIT = "The actor is dead because", "owner has died", "in sigterm_handler"
     EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
 
     def __init__(self):
@@ -156,7 +159,7 @@ class StoppedTrialTracebacks:
         for line in lines:
             held = self.held.get(pid)
             if held is None:
-                if self.START in line:
+                if line.startswith(self.STARTS[1]) or self.STARTS[0] in line:
                     self.held[pid] = [[line], False]
                 else:
                     out.append(line)
@@ -169,10 +172,11 @@ class StoppedTrialTracebacks:
             elif self.EXCEPTION.match(line):
                 if line.startswith("ray.exceptions.ActorDiedError"):
                     held[1] = True                  # its last detail line says whose death
-                else:
+                    continue
+                if not (line.startswith("SystemExit") and any(self.SIGTERM_EXIT in h for h in held[0])):
                     out += held[0]
-                    del self.held[pid]
-            elif held[1] and len(held[0]) > 200:    # not the expected ending after all: show it
+                del self.held[pid]
+            elif len(held[0]) > 200:                # not the expected ending after all: show it
                 out += held[0]
                 del self.held[pid]
         return out
@@ -181,8 +185,9 @@ class StoppedTrialTracebacks:
 def hide_ray_component_logs() -> None:
     """Drop Ray's own C++ log lines (e.g. an actor killed twice at shutdown, logged as an error), the
     raylet's worker start-up warning, and what the workers of an early-stopped trial print while
-    they are torn down (a SIGTERM stack dump, the data coordinator's ``ActorDiedError``) from what
-    the cluster sends to this driver (worker logs and errors pushed to the driver); the job's own
+    they are torn down (a SIGTERM stack dump, the data coordinator's ``ActorDiedError``, the SIGTERM
+    handler's ``SystemExit`` noted during garbage collection) from what the cluster sends to this
+    driver (worker logs and errors pushed to the driver); the job's own
     output, other Python tracebacks and the raylet's other messages (e.g. OOM kills) pass. Wraps
     Ray's private ``print_to_stdstream`` (Ray is pinned < 2.61; if it moves, nothing is filtered);
     call before ``ray.init``, which binds it."""

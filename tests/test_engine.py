@@ -142,3 +142,13 @@ def test_stopped_trial_teardown_is_hidden_and_real_worker_errors_pass():
     killed = [*head, *died, "The actor is dead because it was killed by `ray.kill`."]
     assert filt(9, killed) == killed                              # another actor death: shown
     assert filt(10, head) == [] and filt(11, ["other process"]) == ["other process"]  # per process
+    ignored = ["Exception ignored in: <function WeakSet.__init__.<locals>._remove at 0x7f6ce813e520>",
+               "Traceback (most recent call last):",
+               '  File "/usr/lib/python3.11/_weakrefset.py", line 39, in _remove', "",
+               '  File "/venv/ray/_private/worker.py", line 1063, in sigterm_handler',
+               '  File "python/ray/_raylet.pyx", line 712, in ray._raylet.raise_sys_exit_with_custom_error_message']
+    assert filt(12, ignored[:4]) == [] and filt(12, [*ignored[4:], "SystemExit: 1", "after"]) == ["after"]
+    other_gc = [*ignored[:4], "KeyError: 3"]                      # another exception during GC: shown
+    assert filt(13, other_gc) == other_gc
+    not_sigterm = [*ignored[:4], "SystemExit: 1"]                 # SystemExit not from Ray's handler
+    assert filt(14, not_sigterm) == not_sigterm
