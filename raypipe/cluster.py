@@ -147,7 +147,7 @@ class StoppedTrialTracebacks:
     raises inside garbage collection. Any other traceback is passed on whole. A traceback spans
     several batches of lines."""
 
-    STARTS = ("Error in training function", "Exception ignored in:")
+    TRAINING_ERROR, GC_NOTE = "Error in training function", "Exception ignored in:"
     CAUSE, GONE, SIGTERM_EXIT = "The actor is dead because", "owner has died", "in sigterm_handler"
     EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
 
@@ -159,7 +159,7 @@ class StoppedTrialTracebacks:
         for line in lines:
             held = self.held.get(pid)
             if held is None:
-                if line.startswith(self.STARTS[1]) or self.STARTS[0] in line:
+                if line.startswith(self.GC_NOTE) or self.TRAINING_ERROR in line:
                     self.held[pid] = [[line], False]
                 else:
                     out.append(line)
@@ -187,10 +187,10 @@ def hide_ray_component_logs() -> None:
     raylet's worker start-up warning, and what the workers of an early-stopped trial print while
     they are torn down (a SIGTERM stack dump, the data coordinator's ``ActorDiedError``, the SIGTERM
     handler's ``SystemExit`` noted during garbage collection) from what the cluster sends to this
-    driver (worker logs and errors pushed to the driver); the job's own
-    output, other Python tracebacks and the raylet's other messages (e.g. OOM kills) pass. Wraps
-    Ray's private ``print_to_stdstream`` (Ray is pinned < 2.61; if it moves, nothing is filtered);
-    call before ``ray.init``, which binds it."""
+    driver (worker logs and errors pushed to the driver); the job's own output, other Python
+    tracebacks and the raylet's other messages (e.g. OOM kills) pass. Wraps Ray's private
+    ``print_to_stdstream`` (Ray is pinned < 2.61; if it moves, nothing is filtered); call before
+    ``ray.init``, which binds it."""
     try:
         from ray._private import worker
         show = worker.print_to_stdstream
