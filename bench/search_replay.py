@@ -156,22 +156,64 @@ def spearman_ci(x, y, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, 
     return spearman(x, y), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
+def student_values(students: pd.DataFrame, last: int = 10) -> pd.DataFrame:
+    """Per (configuration, student seed): the teacher's k-NN, the student's final val top-1 (mean of its
+    last ``last`` epochs: less noisy than the best epoch) and its best epoch, and short-run proxies (mean
+    val of epochs e-4..e, what a student trained for e epochs would show; its lr schedule is the full run's)."""
+    students = students.assign(student_seed=students.get("student_seed", 0)).fillna({"student_seed": 0})
+    rows = []
+    for (cid, seed), g in students.sort_values("epoch").groupby(["config", "student_seed"]):
+        val = g["val_top1"].to_numpy()
+        rows.append({"config": cid, "student_seed": int(seed), "teacher": g["teacher_knn_top1"].iloc[0],
+                     "final": val[-last:].mean(), "best": val.max(),
+                     **{f"proxy{e}": val[e - 5:e].mean() for e in (10, 20, 30) if len(val) >= e}})
+    return pd.DataFrame(rows)
+
+
+def selection_gain(values: pd.DataFrame, objective: str, candidates: int, n_boot: int = 4000, seed: int = 0):
+    """Stage 2 distils from the candidate stage 1 ranks first: its student's final val minus the mean final
+    val of the candidates (a random pick), over random candidate sets drawn from the pairs. Mean and 95% interval."""
+    rng = np.random.default_rng(seed)
+    x, y = values[objective].to_numpy(), values["final"].to_numpy()
+    gains = []
+    for _ in range(n_boot):
+        i = rng.choice(len(x), candidates, replace=False)
+        gains.append(y[i[np.argmax(x[i])]] - y[i].mean())
+    return float(np.mean(gains)), float(np.percentile(gains, 2.5)), float(np.percentile(gains, 97.5))
+
+
 def correlations(table: Table, students: pd.DataFrame | None) -> dict:
     """How well an early k-NN ranks teachers by their plateau (what ASHA relies on), and how well
-    a teacher's k-NN ranks the students distilled from it (what stage 1 relies on)."""
+    a teacher's k-NN ranks the students distilled from it (what stage 1 relies on), against the
+    student's own seed noise and a short distilled-student proxy."""
     cids = sorted(table.curves)
     plateau = [table.plateau[c] for c in cids]
     out = {f"knn_epoch{e}_vs_plateau": spearman_ci([table.curves[c][e - 1] for c in cids], plateau)
            for e in (10, 25, 50, 75)}
     if students is not None and len(students):
-        per = students.groupby("config").agg(teacher=("teacher_knn_top1", "first"), student=("val_top1", "max"))
-        out["pairs"] = len(per)
-        if len(per) >= 4:
+        values = student_values(students)
+        first = values[values["student_seed"] == 0].set_index("config")
+        out["pairs"] = len(first)
+        if len(first) >= 4:
             # the student's own teacher (trained again for it), and the configuration's run in the table
-            out["teacher_knn_vs_student_val"] = spearman_ci(per["teacher"], per["student"])
-            out["config_plateau_vs_student_val"] = spearman_ci([table.plateau[c] for c in per.index], per["student"])
+            out["teacher_knn_vs_student_val"] = spearman_ci(first["teacher"], first["final"])
+            out["config_plateau_vs_student_val"] = spearman_ci([table.plateau[c] for c in first.index], first["final"])
+            for proxy in [c for c in first.columns if c.startswith("proxy")]:
+                out[f"student_{proxy}_vs_student_val"] = spearman_ci(first[proxy], first["final"])
+            out["student_val_sd_between_teachers"] = float(first["final"].std())
+            repeated = values.groupby("config").filter(lambda g: len(g) > 1)
+            if len(repeated):
+                # pooled within-teacher sd: what a student's val moves by its seed alone
+                dev = repeated.groupby("config")["final"].transform(lambda v: v - v.mean())
+                dof = len(repeated) - repeated["config"].nunique()
+                out["student_val_sd_seed"] = float(np.sqrt((dev ** 2).sum() / dof))
+                out["repeated_teachers"] = int(repeated["config"].nunique())
+            k = min(4, len(first))
+            for objective in ["teacher", "final"] + [c for c in first.columns if c.startswith("proxy")]:
+                out[f"pick_of_{k}_by_{objective}_gain"] = selection_gain(first.reset_index(), objective, k)
     for k, v in out.items():
-        print(f"{k}: " + (f"rho {v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]" if isinstance(v, tuple) else str(v)))
+        print(f"{k}: " + (f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]" if isinstance(v, tuple) else
+                          f"{v:.2f}" if isinstance(v, float) else str(v)))
     return out
 
 

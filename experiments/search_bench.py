@@ -154,12 +154,17 @@ def write_atomic(table: pd.DataFrame, path: Path) -> None:
     os.replace(str(path) + ".tmp", path)
 
 
+def student_file(runs: Path, cid: int, seed: int) -> Path:
+    """Seed 0 is the configuration's student; seeds 1.. are repeats from the same teacher (the noise floor)."""
+    return runs / (f"student_{cid:03d}.csv" if seed == 0 else f"student_{cid:03d}_s{seed}.csv")
+
+
 def run_config(job: tuple) -> str:
     """One configuration: its teacher curve, and its student's if asked; files written last (atomic)."""
-    cid, point, with_student, arrays, runs, epochs, student_epochs = job
+    cid, point, with_student, arrays, runs, epochs, student_epochs, student_seed = job
     torch.set_num_threads(1)
     out = Path(runs)
-    overrides = {**point, "teacher.seed": cid, "student.seed": cid}
+    overrides = {**point, "teacher.seed": cid, "student.seed": cid + 1000 * student_seed}
     if epochs:
         overrides["teacher.epochs"] = epochs
     if student_epochs:
@@ -171,8 +176,8 @@ def run_config(job: tuple) -> str:
     loaded = np.load(arrays)
     data = {k: torch.from_numpy(loaded[k]).to(device) for k in loaded.files}
     teacher_file, weights = out / f"teacher_{cid:03d}.csv", out / f"teacher_{cid:03d}.pt"
-    student_file = out / f"student_{cid:03d}.csv"
-    want_student = with_student and not student_file.exists()
+    student_csv = student_file(out, cid, student_seed)
+    want_student = with_student and not student_csv.exists()
     if not teacher_file.exists() or (want_student and not weights.exists()):
         # a student needs its teacher's weights: where only the curve was kept (a run elsewhere),
         # the teacher is trained again and its own best k-NN goes with the student's row
@@ -183,9 +188,10 @@ def run_config(job: tuple) -> str:
     if want_student:
         teacher = torch.load(weights, map_location=device)
         curve = run_student(cfg, data, rt, teacher["state"])
-        write_atomic(pd.DataFrame([{"config": cid, "teacher_knn_top1": teacher["knn_top1"],
-                                    "teacher_epoch": teacher["epoch"], **row} for row in curve]), student_file)
-    return f"config {cid:3d} done ({device.type})"
+        write_atomic(pd.DataFrame([{"config": cid, "student_seed": student_seed,
+                                    "teacher_knn_top1": teacher["knn_top1"], "teacher_epoch": teacher["epoch"],
+                                    **row} for row in curve]), student_csv)
+    return f"config {cid:3d}" + (f" student seed {student_seed}" if student_seed else "") + f" done ({device.type})"
 
 
 def generate(args) -> None:
@@ -195,10 +201,14 @@ def generate(args) -> None:
     (runs / "design.json").write_text(json.dumps(points, indent=1))
     ids = args.ids or list(range(len(points)))
     students = set(args.ids[:args.students] if args.ids else range(args.students))
-    jobs = [(cid, points[cid], cid in students, args.arrays, str(runs), args.epochs, args.student_epochs)
+    jobs = [(cid, points[cid], cid in students, args.arrays, str(runs), args.epochs, args.student_epochs, 0)
             for cid in ids
             if not (runs / f"teacher_{cid:03d}.csv").exists()
-            or (cid in students and not (runs / f"student_{cid:03d}.csv").exists())]
+            or (cid in students and not student_file(runs, cid, 0).exists())]
+    # repeats come after every first student: they measure the noise the objective has to beat
+    jobs += [(cid, points[cid], True, args.arrays, str(runs), args.epochs, args.student_epochs, seed)
+             for seed in range(1, args.student_seeds) for cid in args.repeat_ids or []
+             if not student_file(runs, cid, seed).exists()]
     print(f"{len(points)} configurations, {len(jobs)} to run, {args.procs} at a time", flush=True)
     if args.procs <= 1:
         for job in jobs:
@@ -235,6 +245,9 @@ def main():
     g.add_argument("--ids", type=int, nargs="*", help="these configurations, in this order (default: all)")
     g.add_argument("--epochs", type=int, default=0, help="teacher epochs (0 = the recipe's)")
     g.add_argument("--student-epochs", type=int, default=0, help="student epochs (0 = the recipe's)")
+    g.add_argument("--student-seeds", type=int, default=1,
+                   help="students per teacher of --repeat-ids (seeds 1.. are repeats: the noise floor)")
+    g.add_argument("--repeat-ids", type=int, nargs="*", help="teachers whose student is repeated")
     g.add_argument("--procs", type=int, default=1)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--runs", default="runs/search_bench")

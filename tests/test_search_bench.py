@@ -81,3 +81,36 @@ def test_grace_period_default_is_half_the_trial():
     assert grace_period(cfg, 100) == 50 and grace_period(cfg, 3) == 1
     assert grace_period(cfg.with_overrides({"tune.grace_period": 5}), 100) == 5
     assert grace_period(cfg.with_overrides({"tune.grace_period": 5}), 3) == 3
+
+
+def _students(finals: dict[tuple[int, int], float], knn: dict[int, float], epochs: int = 30) -> pd.DataFrame:
+    """Student curves that end flat at the given final val with a one-epoch spike of +10 at epoch 15 (the
+    best epoch is noise), each seed's rows as the runner writes them."""
+    rows = []
+    for (cid, seed), final in finals.items():
+        for e in range(1, epochs + 1):
+            rows.append({"config": cid, "student_seed": seed, "teacher_knn_top1": knn[cid], "epoch": e,
+                         "val_top1": final * min(1.0, e / 20) + 10 * (e == 15)})
+    return pd.DataFrame(rows)
+
+
+def test_student_values_use_the_last_epochs_and_pool_the_seed_noise_within_teachers(replay_mod, table):
+    finals = {(c, 0): 30.0 + c for c in range(6)} | {(0, 1): 32.0, (1, 1): 29.0}
+    values = replay_mod.student_values(_students(finals, {c: 20.0 + c for c in range(6)}))
+    first = values[values.student_seed == 0].set_index("config")
+    assert first.loc[3, "final"] == pytest.approx(33.0) and first.loc[3, "best"] == pytest.approx(33 * 15 / 20 + 10)
+    assert first.loc[3, "proxy10"] == pytest.approx(33.0 * 8 / 20)  # epochs 6..10
+    out = replay_mod.correlations(table, _students(finals, {c: 20.0 + c for c in range(6)}))
+    assert out["pairs"] == 6 and out["repeated_teachers"] == 2
+    # teacher 0: 30 and 32, teacher 1: 31 and 29 -> deviations of 1 each, 4 values, 2 means -> sd sqrt(4/2)
+    assert out["student_val_sd_seed"] == pytest.approx(2 ** 0.5)
+    assert out["teacher_knn_vs_student_val"][0] == pytest.approx(1.0)
+
+
+def test_picking_by_an_objective_gains_only_as_far_as_it_ranks_the_students(replay_mod):
+    values = pd.DataFrame({"final": [30.0, 32, 34, 36, 38, 40], "aligned": [1.0, 2, 3, 4, 5, 6],
+                           "reversed": [6.0, 5, 4, 3, 2, 1]})
+    best, lo, hi = replay_mod.selection_gain(values, "aligned", 4)
+    assert best > 2 and lo <= best <= hi  # the best of 4 beats their mean
+    assert replay_mod.selection_gain(values, "final", 4)[0] == pytest.approx(best)
+    assert replay_mod.selection_gain(values, "reversed", 4)[0] < -2  # the worst of 4
