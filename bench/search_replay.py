@@ -198,6 +198,10 @@ def correlations(table: Table, students: pd.DataFrame | None) -> dict:
             # the student's own teacher (trained again for it), and the configuration's run in the table
             out["teacher_knn_vs_student_val"] = spearman_ci(first["teacher"], first["final"])
             out["config_plateau_vs_student_val"] = spearman_ci([table.plateau[c] for c in first.index], first["final"])
+            # the same configuration trained twice (the table's run, the student's): how well one run ranks it
+            table_best = np.array([table.curves[c].max() for c in first.index])
+            out["teacher_rerun_vs_table_best"] = spearman_ci(first["teacher"], table_best)
+            out["teacher_rerun_minus_table_best_sd"] = float(np.std(first["teacher"] - table_best, ddof=1))
             for proxy in [c for c in first.columns if c.startswith("proxy")]:
                 out[f"student_{proxy}_vs_student_val"] = spearman_ci(first[proxy], first["final"])
             out["student_val_sd_between_teachers"] = float(first["final"].std())
