@@ -202,7 +202,8 @@ def correlations(table: Table, students: pd.DataFrame | None) -> dict:
             table_best = np.array([table.curves[c].max() for c in first.index])
             out["teacher_rerun_vs_table_best"] = spearman_ci(first["teacher"], table_best)
             out["teacher_rerun_minus_table_best_sd"] = float(np.std(first["teacher"] - table_best, ddof=1))
-            for proxy in [c for c in first.columns if c.startswith("proxy")]:
+            proxies = [c for c in first.columns if c.startswith("proxy")]
+            for proxy in proxies:
                 out[f"student_{proxy}_vs_student_val"] = spearman_ci(first[proxy], first["final"])
             out["student_val_sd_between_teachers"] = float(first["final"].std())
             repeated = values.groupby("config").filter(lambda g: len(g) > 1)
@@ -213,7 +214,7 @@ def correlations(table: Table, students: pd.DataFrame | None) -> dict:
                 out["student_val_sd_seed"] = float(np.sqrt((dev ** 2).sum() / dof))
                 out["repeated_teachers"] = int(repeated["config"].nunique())
             k = min(4, len(first))
-            for objective in ["teacher", "final"] + [c for c in first.columns if c.startswith("proxy")]:
+            for objective in ["teacher", "final"] + proxies:
                 out[f"pick_of_{k}_by_{objective}_gain"] = selection_gain(first.reset_index(), objective, k)
     for k, v in out.items():
         print(f"{k}: " + (f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]" if isinstance(v, tuple) else
