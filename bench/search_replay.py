@@ -84,7 +84,7 @@ def replay(method: str, seed: int, cfg: Config, table: Table, budget: int, concu
     samplers = {"tpe": lambda: None,  # the main job's own TPE
                 "random": lambda: optuna.samplers.RandomSampler(seed=seed),
                 "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)}
-    searcher = make_searcher(cfg, METRIC, None if name == "random" else point, samplers[name]())
+    searcher = make_searcher(cfg, METRIC, None if name == "random" else [point], samplers[name]())
     searcher.set_search_properties(METRIC, "max", param_space(cfg, space))
     scheduler = make_scheduler(cfg, max_t) if method.endswith("asha") else None
     if scheduler is not None:
@@ -158,27 +158,35 @@ def spearman_ci(x, y, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, 
 
 def student_values(students: pd.DataFrame, last: int = 10) -> pd.DataFrame:
     """Per (configuration, student seed): the teacher's k-NN, the student's final val top-1 (mean of its
-    last ``last`` epochs: less noisy than the best epoch) and its best epoch, and short-run proxies (mean
-    val of epochs e-4..e, what a student trained for e epochs would show; its lr schedule is the full run's)."""
+    last ``last`` epochs: less noisy than the best epoch) and its best epoch, its final model's test top-1
+    where measured, and short-run proxies (mean val of epochs e-4..e, what a student trained for e epochs
+    would show; its lr schedule is the full run's)."""
     students = students.assign(student_seed=students.get("student_seed", 0)).fillna({"student_seed": 0})
     rows = []
     for (cid, seed), g in students.sort_values("epoch").groupby(["config", "student_seed"]):
         val = g["val_top1"].to_numpy()
+        test = g["test_top1"].dropna() if "test_top1" in g else []
         rows.append({"config": cid, "student_seed": int(seed), "teacher": g["teacher_knn_top1"].iloc[0],
-                     "final": val[-last:].mean(), "best": val.max(),
+                     "final": val[-last:].mean(), "best": val.max(), "test": test.iloc[-1] if len(test) else np.nan,
                      **{f"proxy{e}": val[e - 5:e].mean() for e in (10, 20, 30) if len(val) >= e}})
     return pd.DataFrame(rows)
 
 
-def selection_gain(values: pd.DataFrame, objective: str, candidates: int, n_boot: int = 4000, seed: int = 0):
-    """Stage 2 distils from the candidate stage 1 ranks first: its student's final val minus the mean final
-    val of the candidates (a random pick), over random candidate sets drawn from the pairs. Mean and 95% interval."""
+def selection_gain(values: pd.DataFrame, objective: str, candidates: int, top: int = 1, then: str = "final",
+                   score: str = "final", against: str = "random", n_boot: int = 4000, seed: int = 0):
+    """Stage 1 ranks the candidates by ``objective``; stage 2 keeps the one of its ``top`` best whose student
+    is best by ``then`` (the main job's joint step: ``tune.stage2_teachers``; top=1: the first, as before it).
+    Gain: that student's ``score`` minus, on the same candidate set, the candidates' mean (``against="random"``:
+    a random pick) or the student of stage 1's first (``"first"``), over random candidate sets drawn from the
+    pairs. Mean and 95% interval. ``score="test"`` scores a choice made on val on held-out data."""
     rng = np.random.default_rng(seed)
-    x, y = values[objective].to_numpy(), values["final"].to_numpy()
+    x, z, y = (values[c].to_numpy() for c in (objective, then, score))
     gains = []
     for _ in range(n_boot):
         i = rng.choice(len(x), candidates, replace=False)
-        gains.append(y[i[np.argmax(x[i])]] - y[i].mean())
+        ranked = i[np.argsort(-x[i], kind="stable")]
+        kept = ranked[:top]
+        gains.append(y[kept[np.argmax(z[kept])]] - (y[i].mean() if against == "random" else y[ranked[0]]))
     return float(np.mean(gains)), float(np.percentile(gains, 2.5)), float(np.percentile(gains, 97.5))
 
 
@@ -216,6 +224,22 @@ def correlations(table: Table, students: pd.DataFrame | None) -> dict:
             k = min(4, len(first))
             for objective in ["teacher", "final"] + proxies:
                 out[f"pick_of_{k}_by_{objective}_gain"] = selection_gain(first.reset_index(), objective, k)
+            # the joint step: stage 2 distils from stage 1's `top` best teachers and keeps the best student on val;
+            # scored on val (where it chose) and, where measured, on test (held out from every choice)
+            tested = first.dropna(subset=["test"]).reset_index()
+            if len(tested) >= k:
+                out["test_vs_val_final"] = spearman_ci(tested["final"], tested["test"])
+                out["student_test_sd_between_teachers"] = float(tested["test"].std())
+            for n in (8, k):
+                for top in range(1, k + 1):
+                    for score, rows in (("val", first.reset_index()), ("test", tested)):
+                        if n <= len(rows):
+                            column = "final" if score == "val" else "test"
+                            out[f"of_{n}_top{top}_then_val_on_{score}"] = selection_gain(rows, "teacher", n, top,
+                                                                                         score=column)
+                            if top > 1:
+                                out[f"of_{n}_top{top}_then_val_on_{score}_vs_top1"] = selection_gain(
+                                    rows, "teacher", n, top, score=column, against="first")
     for k, v in out.items():
         print(f"{k}: " + (f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]" if isinstance(v, tuple) else
                           f"{v:.2f}" if isinstance(v, float) else str(v)))

@@ -65,9 +65,9 @@ def design(n: int, seed: int = 0) -> list[dict]:
 
 
 def pack(data_root: str, out: str, size: int = 36) -> None:
-    """train and val of an image folder, decoded once to uint8 (N, size, size, 3) + labels."""
+    """train, val and test of an image folder, decoded once to uint8 (N, size, size, 3) + labels."""
     arrays = {}
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         index = scan_split(data_root, split)
         arrays[f"{split}_img"] = np.stack([decode_square(Path(p).read_bytes(), size) for p in index.paths])
         arrays[f"{split}_label"] = np.asarray(index.labels, np.int64)
@@ -126,7 +126,9 @@ def run_teacher(cfg: Config, data: dict, rt: Runtime) -> tuple[list[dict], dict]
     return curve, best
 
 
-def run_student(cfg: Config, data: dict, rt: Runtime, teacher_state: dict) -> list[dict]:
+def run_student(cfg: Config, data: dict, rt: Runtime, teacher_state: dict, test: bool = False) -> list[dict]:
+    """Val top-1 per epoch; with ``test``, the final model's test top-1 on the last row (held out from
+    every choice made on val)."""
     s = cfg.student
     distiller = build_distiller(cfg, 10, teacher_state)
     student = distiller.student.to(rt.device)
@@ -146,6 +148,9 @@ def run_student(cfg: Config, data: dict, rt: Runtime, teacher_state: dict) -> li
         curve.append({"epoch": epoch + 1, "val_top1": top1, "seconds": time.perf_counter() - start})
 
     train_plain(student, s, rt, len(data["train_label"]), step, end_epoch, distiller.frozen_parameters)
+    if test:
+        curve[-1]["test_top1"] = validate_top(distiller, rt, eval_batches(data["test_img"], data["test_label"],
+                                                                           cfg.data.resolution))[0]
     return curve
 
 
@@ -159,9 +164,13 @@ def student_file(runs: Path, cid: int, seed: int) -> Path:
     return runs / (f"student_{cid:03d}.csv" if seed == 0 else f"student_{cid:03d}_s{seed}.csv")
 
 
+def has_test(student_csv: Path) -> bool:
+    return "test_top1" in pd.read_csv(student_csv, nrows=0).columns
+
+
 def run_config(job: tuple) -> str:
     """One configuration: its teacher curve, and its student's if asked; files written last (atomic)."""
-    cid, point, with_student, arrays, runs, epochs, student_epochs, student_seed = job
+    cid, point, with_student, arrays, runs, epochs, student_epochs, student_seed, test = job
     torch.set_num_threads(1)
     out = Path(runs)
     overrides = {**point, "teacher.seed": cid, "student.seed": cid + 1000 * student_seed}
@@ -177,7 +186,7 @@ def run_config(job: tuple) -> str:
     data = {k: torch.from_numpy(loaded[k]).to(device) for k in loaded.files}
     teacher_file, weights = out / f"teacher_{cid:03d}.csv", out / f"teacher_{cid:03d}.pt"
     student_csv = student_file(out, cid, student_seed)
-    want_student = with_student and not student_csv.exists()
+    want_student = with_student and not (student_csv.exists() and (not test or has_test(student_csv)))
     if not teacher_file.exists() or (want_student and not weights.exists()):
         # a student needs its teacher's weights: where only the curve was kept (a run elsewhere),
         # the teacher is trained again and its own best k-NN goes with the student's row
@@ -187,7 +196,7 @@ def run_config(job: tuple) -> str:
             write_atomic(pd.DataFrame([{"config": cid, **point, **row} for row in curve]), teacher_file)
     if want_student:
         teacher = torch.load(weights, map_location=device)
-        curve = run_student(cfg, data, rt, teacher["state"])
+        curve = run_student(cfg, data, rt, teacher["state"], test)
         write_atomic(pd.DataFrame([{"config": cid, "student_seed": student_seed,
                                     "teacher_knn_top1": teacher["knn_top1"], "teacher_epoch": teacher["epoch"],
                                     **row} for row in curve]), student_csv)
@@ -201,14 +210,16 @@ def generate(args) -> None:
     (runs / "design.json").write_text(json.dumps(points, indent=1))
     ids = args.ids or list(range(len(points)))
     students = set(args.ids[:args.students] if args.ids else range(args.students))
-    jobs = [(cid, points[cid], cid in students, args.arrays, str(runs), args.epochs, args.student_epochs, 0)
-            for cid in ids
-            if not (runs / f"teacher_{cid:03d}.csv").exists()
-            or (cid in students and not student_file(runs, cid, 0).exists())]
+    def missing(cid: int, seed: int) -> bool:
+        f = student_file(runs, cid, seed)
+        return not f.exists() or (args.test and not has_test(f))
+
+    jobs = [(cid, points[cid], cid in students, args.arrays, str(runs), args.epochs, args.student_epochs, 0,
+             args.test)
+            for cid in ids if not (runs / f"teacher_{cid:03d}.csv").exists() or (cid in students and missing(cid, 0))]
     # repeats come after every first student: they measure the noise the objective has to beat
-    jobs += [(cid, points[cid], True, args.arrays, str(runs), args.epochs, args.student_epochs, seed)
-             for seed in range(1, args.student_seeds) for cid in args.repeat_ids or []
-             if not student_file(runs, cid, seed).exists()]
+    jobs += [(cid, points[cid], True, args.arrays, str(runs), args.epochs, args.student_epochs, seed, args.test)
+             for seed in range(1, args.student_seeds) for cid in args.repeat_ids or [] if missing(cid, seed)]
     print(f"{len(points)} configurations, {len(jobs)} to run, {args.procs} at a time", flush=True)
     if args.procs <= 1:
         for job in jobs:
@@ -248,6 +259,8 @@ def main():
     g.add_argument("--student-seeds", type=int, default=1,
                    help="students per teacher of --repeat-ids (seeds 1.. are repeats: the noise floor)")
     g.add_argument("--repeat-ids", type=int, nargs="*", help="teachers whose student is repeated")
+    g.add_argument("--test", action="store_true",
+                   help="score each student's final model on test too (students without it run again)")
     g.add_argument("--procs", type=int, default=1)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--runs", default="runs/search_bench")

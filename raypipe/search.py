@@ -57,7 +57,13 @@ def teacher_space(cfg: Config, n_train: int) -> tuple[dict, dict]:
     return space, point
 
 
-def student_space(cfg: Config) -> tuple[dict, dict]:
+# stage 2's choice of teacher: 1 = stage 1's best k-NN, 2 = its second, ... (docs/search.md)
+TEACHER_CHOICE = "teacher_rank"
+
+
+def student_space(cfg: Config, teachers: int = 1) -> tuple[dict, list[dict]]:
+    """(Tune param_space overrides, the points to start from): the config's own values, once per
+    teacher where stage 2 chooses among ``teachers`` of stage 1's best, so each gets a student."""
     from ray import tune
 
     t = cfg.tune
@@ -69,7 +75,10 @@ def student_space(cfg: Config) -> tuple[dict, dict]:
     if t.student_lr_range:
         space["student.lr"] = tune.loguniform(*t.student_lr_range)
         point["student.lr"] = start_point(cfg, "student.lr", t.student_lr_range)
-    return space, point
+    if teachers == 1:
+        return space, [point]
+    space[TEACHER_CHOICE] = tune.choice(list(range(1, teachers + 1)))
+    return space, [{TEACHER_CHOICE: rank, **point} for rank in range(1, teachers + 1)]
 
 
 def param_space(cfg: Config, dotted: dict) -> dict:
@@ -136,13 +145,22 @@ def teacher_trial(config: dict, ctx: dict) -> None:
                  print_epochs=verbose(), outputs=location, publish_model=False)
 
 
+def trial_teacher(config: dict, ctx: dict) -> tuple[dict, str | None]:
+    """A student trial's config without the teacher choice, and its teacher: stage 1's
+    ``teacher_rank``-th best (``ctx["teachers"]``) where the search chooses, else ``ctx["teacher"]``."""
+    config = dict(config)
+    rank = config.pop(TEACHER_CHOICE, None)
+    return config, ctx["teachers"][rank - 1] if rank else ctx.get("teacher")
+
+
 def student_trial(config: dict, ctx: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .student import train_student
     plugins.install(ctx.get("plugins"))
+    config, teacher = trial_teacher(config, ctx)
     cfg = Config.from_dict(config)
-    teacher = ctx.get("teacher") if cfg.student.mode != "supervised" else None
+    teacher = teacher if cfg.student.mode != "supervised" else None
     with trial_run(ctx) as (location, scratch):
         train_student(cfg, teacher, run_dir=scratch, callbacks=[TuneReportCallback()], storage_path=location,
                       print_epochs=verbose(), outputs=location, publish_model=False)
@@ -155,14 +173,14 @@ def final_trial(config: dict, ctx: dict) -> None:
 
 
 # ---- searcher and scheduler (also replayed on the search benchmark: bench/search_replay.py) --
-def make_searcher(cfg: Config, metric: str, point: dict | None, sampler=None):
-    """Optuna TPE (``tune.seed``) starting from ``point`` (the config's own values); ``sampler``
+def make_searcher(cfg: Config, metric: str, points: list[dict] | None, sampler=None):
+    """Optuna TPE (``tune.seed``) starting from ``points`` (the config's own values); ``sampler``
     another Optuna sampler instead (the benchmark's random search)."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     return OptunaSearch(metric=metric, mode="max", sampler=sampler or optuna.samplers.TPESampler(seed=cfg.tune.seed),
-                        points_to_evaluate=[{flat_key(k): v for k, v in point.items()}] if point else None)
+                        points_to_evaluate=[{flat_key(k): v for k, v in p.items()} for p in points] if points else None)
 
 
 def make_scheduler(cfg: Config, max_t: int):
@@ -180,8 +198,9 @@ def grace_period(cfg: Config, max_t: int) -> int:
 
 # ---- running a stage -------------------------------------------------------------------
 def run_tune_stage(stage: str, trainable, ctx: dict, cfg: Config, space: dict | None, metric: str | None,
-                   num_samples: int, point: dict | None = None, max_t: int = 0, grid: list | None = None):
-    """Fit (or restore and finish) one Tune experiment; returns its ResultGrid."""
+                   num_samples: int, points: list[dict] | None = None, max_t: int = 0, grid: list | None = None):
+    """Fit (or restore and finish) one Tune experiment, its searcher starting from ``points``;
+    returns its ResultGrid."""
     import optuna
     from ray import tune
 
@@ -201,7 +220,7 @@ def run_tune_stage(stage: str, trainable, ctx: dict, cfg: Config, space: dict | 
             tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=trial_concurrency(cfg))
             param = {"final": tune.grid_search(grid)}
         else:
-            tune_config = tune.TuneConfig(metric=metric, mode="max", search_alg=make_searcher(cfg, metric, point),
+            tune_config = tune.TuneConfig(metric=metric, mode="max", search_alg=make_searcher(cfg, metric, points),
                                           scheduler=make_scheduler(cfg, max_t),
                                           num_samples=num_samples, max_concurrent_trials=trial_concurrency(cfg))
             param = param_space(cfg, space)
@@ -236,17 +255,23 @@ def tracking_callbacks(cfg: Config, stage: str) -> list:
     return callbacks
 
 
-def best_trial(grid, metric: str):
-    """Best trial by the best value it ever reported (ASHA-stopped trials included): Tune's
-    ``get_best_result(scope="all")``; -> (its Result, that value)."""
-    try:
-        best = grid.get_best_result(metric=metric, mode="max", scope="all")
-    except RuntimeError as exc:
-        raise RuntimeError(f"no trial reported {metric!r}") from exc
-    df = best.metrics_dataframe
-    if df is None or metric not in df or df[metric].dropna().empty:
+def ranked_trials(grid, metric: str) -> list[tuple]:
+    """Trials by the best value each ever reported, best first (ASHA-stopped trials included, as
+    Tune's ``get_best_result(scope="all")`` ranks them; trials without a value left out);
+    -> [(Result, that value)]."""
+    ranked = []
+    for result in grid:
+        df = result.metrics_dataframe
+        if df is not None and metric in df and not df[metric].dropna().empty:
+            ranked.append((result, float(df[metric].max())))
+    if not ranked:
         raise RuntimeError(f"no trial reported {metric!r}")
-    return best, float(df[metric].max())
+    return sorted(ranked, key=lambda pair: pair[1], reverse=True)
+
+
+def best_trial(grid, metric: str):
+    """-> (the trial with the best value it ever reported, that value)."""
+    return ranked_trials(grid, metric)[0]
 
 
 def best_state(train_storage: str) -> dict:

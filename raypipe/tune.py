@@ -2,10 +2,13 @@
 student (lambda, CE warm-up, lr), then the final models, the test evaluation and the summary.
 
 Stages (each skipped on a re-run once finished, restored with ``Tuner.restore`` if interrupted):
-  1. ``stage1_teacher``: each trial is a phase-1 TorchTrainer run, objective k-NN val top-1;
-  2. ``stage2_student``: each trial is a phase-2 ``distill`` run from the best teacher, val top-1;
-  3. ``stage3_final``: supervised baseline, fine-tune and the distilled ensemble members
-     (a Tune grid, so they run in parallel on a cluster), then the test evaluation.
+  1. ``stage1_teacher``: each trial is a phase-1 TorchTrainer run, objective k-NN val top-1; the
+     ``tune.stage2_teachers`` best teachers are exported;
+  2. ``stage2_student``: each trial is a phase-2 ``distill`` run from one of them (the teacher is a
+     searched choice: k-NN does not rank students, docs/search.md), objective val top-1;
+  3. ``stage3_final``: supervised baseline, fine-tune and the distilled ensemble members from the
+     teacher of stage 2's best student (a Tune grid, so they run in parallel on a cluster), then the
+     test evaluation.
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ from .checkpoints import CheckpointError
 from .cli import parse_args as overrides_anywhere
 from .config import Config, ConfigError, get_dotted, load_config, parse_overrides, preset, set_verbose
 from .data import scan_dataset
-from .search import (best_state, best_trial, final_trial, queue_candidates, run_tune_stage, student_space,
-                     student_trial, teacher_space, teacher_trial, trial_summary)
+from .search import (TEACHER_CHOICE, best_state, best_trial, final_trial, queue_candidates, ranked_trials,
+                     run_tune_stage, student_space, student_trial, teacher_space, teacher_trial, trial_summary)
 from .storage import Outputs, join
 
 TEACHER_METRIC, STUDENT_METRIC = "knn_top1", "val_top1"
@@ -38,16 +41,32 @@ def stage1(cfg: Config, ctx: dict, out: Outputs, n_train: int, classes: list[str
         return record
     space, point = teacher_space(cfg, n_train)
     grid = run_tune_stage("stage1_teacher", teacher_trial, {**ctx, "stage": "stage1_teacher"}, cfg, space,
-                          TEACHER_METRIC, cfg.tune.teacher_trials, point, max_t=cfg.tune.asha_max_t or cfg.teacher.epochs)
-    best, value = best_trial(grid, TEACHER_METRIC)
-    best_cfg = Config.from_dict(best.config)
-    state = best_state(join(ctx["storage"], "stage1_teacher_runs", best.metrics["trial_id"]))
-    export_teacher(best_cfg, state, out.local("best_teacher.pt"), classes)
-    params = {k: get_dotted(best.config, k) for k in space}
+                          TEACHER_METRIC, cfg.tune.teacher_trials, [point],
+                          max_t=cfg.tune.asha_max_t or cfg.teacher.epochs)
+    teachers = []  # the best first: stage 2 chooses among them
+    for rank, (result, value) in enumerate(ranked_trials(grid, TEACHER_METRIC)[:cfg.tune.stage2_teachers], 1):
+        name = "best_teacher.pt" if rank == 1 else f"teacher_rank{rank}.pt"
+        trial_cfg = Config.from_dict(result.config)
+        export_teacher(trial_cfg, best_state(join(ctx["storage"], "stage1_teacher_runs", result.metrics["trial_id"])),
+                       out.local(name), classes)
+        teachers.append({"rank": rank, "metric": value, "params": {k: get_dotted(result.config, k) for k in space},
+                         "config": trial_cfg.to_dict(), "teacher": out.publish(name)})
+    best = teachers[0]
     return out.write_record("stage1_teacher", {
-        "best_metric": value, "metric": TEACHER_METRIC, "best_params": params, "paper_point": point,
-        "best_config": best_cfg.to_dict(), "teacher": out.publish("best_teacher.pt"),
+        "best_metric": best["metric"], "metric": TEACHER_METRIC, "best_params": best["params"], "paper_point": point,
+        "best_config": best["config"], "teacher": best["teacher"], "teachers": teachers,
         "trials": trial_summary(grid, TEACHER_METRIC)})
+
+
+def stage1_teachers(s1: dict) -> list[dict]:
+    """Stage 1's exported teachers, best k-NN first (one in records written before the choice existed)."""
+    return s1.get("teachers") or [{"rank": 1, "metric": s1["best_metric"], "params": s1["best_params"],
+                                   "config": s1["best_config"], "teacher": s1["teacher"]}]
+
+
+def chosen_teacher(s1: dict, s2: dict) -> dict:
+    """The stage-1 teacher whose student won stage 2 on val: what stage 3 distils from."""
+    return stage1_teachers(s1)[s2.get("teacher_rank", 1) - 1]
 
 
 def stage2(cfg: Config, ctx: dict, out: Outputs, s1: dict) -> dict:
@@ -57,18 +76,26 @@ def stage2(cfg: Config, ctx: dict, out: Outputs, s1: dict) -> dict:
         return record
     base = Config.from_dict({**s1["best_config"], "student": cfg.to_dict()["student"]})
     base = base.with_overrides({"student.mode": "distill"})
-    space, point = student_space(base)
-    grid = run_tune_stage("stage2_student", student_trial, {**ctx, "stage": "stage2_student", "teacher": s1["teacher"]},
-                          base, space, STUDENT_METRIC, cfg.tune.student_trials, point,
+    teachers = stage1_teachers(s1)[:cfg.tune.student_trials]
+    space, points = student_space(base, len(teachers))
+    grid = run_tune_stage("stage2_student", student_trial,
+                          {**ctx, "stage": "stage2_student", "teacher": s1["teacher"],
+                           "teachers": [t["teacher"] for t in teachers]},
+                          base, space, STUDENT_METRIC, cfg.tune.student_trials, points,
                           max_t=cfg.tune.asha_max_t or base.student.epochs)
     best, value = best_trial(grid, STUDENT_METRIC)
-    params = {k: get_dotted(best.config, k) for k in space}
-    return out.write_record("stage2_student", {
-        "best_metric": value, "metric": STUDENT_METRIC, "best_params": params, "paper_point": point,
-        "best_config": Config.from_dict(best.config).to_dict(), "trials": trial_summary(grid, STUDENT_METRIC)})
+    config = {k: v for k, v in best.config.items() if k != TEACHER_CHOICE}
+    record = {"best_metric": value, "metric": STUDENT_METRIC, "best_params": {k: get_dotted(best.config, k) for k in space},
+              "paper_point": points[0], "best_config": Config.from_dict(config).to_dict(),
+              "teacher_rank": best.config.get(TEACHER_CHOICE, 1), "trials": trial_summary(grid, STUDENT_METRIC)}
+    if len(teachers) > 1:
+        chosen = chosen_teacher(s1, record)
+        print(f"[stage2_student] distilling from stage 1's teacher {chosen['rank']} of {len(teachers)} "
+              f"({TEACHER_METRIC} {chosen['metric']:.2f}): its student has the best {STUDENT_METRIC}", flush=True)
+    return out.write_record("stage2_student", record)
 
 
-def final_members(cfg: Config, s1: dict, s2: dict, teacher: str) -> dict[str, dict]:
+def final_members(cfg: Config, s2: dict, teacher: str) -> dict[str, dict]:
     """Stage-3 runs: supervised baseline and fine-tune (same budget), and the distilled members."""
     best = Config.from_dict(s2["best_config"])
     split = cfg.tune.final_train_split or best.data.train_split
@@ -94,15 +121,14 @@ def stage3(cfg: Config, ctx: dict, out: Outputs, s1: dict, s2: dict, classes: li
     if record:
         print("[stage3_final] done before", flush=True)
         return record
-    teacher = s1["teacher"]
-    if cfg.tune.retrain_teacher_epochs:
-        teacher = retrain_teacher(cfg, out, s1)
-    members = final_members(cfg, s1, s2, teacher)
+    chosen = chosen_teacher(s1, s2)
+    teacher = retrain_teacher(cfg, out, chosen["config"]) if cfg.tune.retrain_teacher_epochs else chosen["teacher"]
+    members = final_members(cfg, s2, teacher)
     for name, m in members.items():
-        backbone = m["config"]["student"]["backbone"]
-        if m.get("teacher") and backbone != s1["best_config"]["teacher"]["backbone"]:
+        backbone, teacher_backbone = m["config"]["student"]["backbone"], chosen["config"]["teacher"]["backbone"]
+        if m.get("teacher") and backbone != teacher_backbone:
             raise ConfigError(f"tune.final_backbones: member {name} uses {backbone}, but the teacher is a "
-                              f"{s1['best_config']['teacher']['backbone']} (distillation needs the same architecture)")
+                              f"{teacher_backbone} (distillation needs the same architecture)")
     grid = run_tune_stage("stage3_final", final_trial, {**ctx, "stage": "stage3_final", "members": members}, cfg,
                           None, None, 1, grid=list(members))
     models = {}
@@ -117,11 +143,11 @@ def stage3(cfg: Config, ctx: dict, out: Outputs, s1: dict, s2: dict, classes: li
     return out.write_record("stage3_final", {"models": models, "teacher": teacher})
 
 
-def retrain_teacher(cfg: Config, out: Outputs, s1: dict) -> str:
-    """Stage 3 option: retrain the best teacher config for longer (a plain Train run)."""
+def retrain_teacher(cfg: Config, out: Outputs, teacher_config: dict) -> str:
+    """Stage 3 option: retrain the chosen teacher's config for longer (a plain Train run)."""
     from .teacher import pretrain
 
-    best = Config.from_dict(s1["best_config"]).with_overrides(
+    best = Config.from_dict(teacher_config).with_overrides(
         {"teacher.epochs": cfg.tune.retrain_teacher_epochs, "name": "teacher_long"})
     final = pretrain(best, run_dir=out.local("teacher_long", "teacher.pt").parent,
                      storage_path=out.path("teacher_long"), outputs=out.path("teacher_long"))
@@ -176,19 +202,23 @@ def render_table(rows: list[dict]) -> str:
 
 
 def write_summary(out: Outputs, cfg: Config, s1: dict, s2: dict, s3: dict, ev: dict, command: str) -> dict:
+    teachers = [{k: t[k] for k in ("rank", "metric", "params", "teacher")} for t in stage1_teachers(s1)]
     summary = {
         "experiment": cfg.tune.experiment, "command": command, "storage": out.location,
-        "stage1_teacher": {k: s1[k] for k in ("metric", "best_metric", "best_params", "paper_point", "teacher")},
-        "stage2_student": {k: s2[k] for k in ("metric", "best_metric", "best_params", "paper_point")},
-        "models": s3["models"], "table": ev["table"], "n_test_images": ev["n_test_images"],
+        "stage1_teacher": {**{k: s1[k] for k in ("metric", "best_metric", "best_params", "paper_point", "teacher")},
+                           "teachers": teachers},
+        "stage2_student": {**{k: s2[k] for k in ("metric", "best_metric", "best_params", "paper_point")},
+                           "teacher_rank": s2.get("teacher_rank", 1)},
+        "teacher": s3["teacher"], "models": s3["models"], "table": ev["table"], "n_test_images": ev["n_test_images"],
     }
     out.write_record("summary", summary)
     md = [f"# {cfg.tune.experiment}", "", f"Command: `{command}`", "",
           f"Test images: {ev['n_test_images']}", "", render_table(ev["table"]), "",
-          "## Best parameters", "",
-          f"- stage 1 (teacher, {s1['metric']} {s1['best_metric']:.2f}): {s1['best_params']}",
-          f"- stage 2 (student, {s2['metric']} {s2['best_metric']:.2f}): {s2['best_params']}", "",
-          "## Models", ""] + [f"- {k}: `{v}`" for k, v in {"teacher": s1["teacher"], **s3["models"]}.items()]
+          "## Best parameters", ""]
+    md += [f"- stage 1, teacher {t['rank']} ({s1['metric']} {t['metric']:.2f}): {t['params']}" for t in teachers]
+    md += [f"- stage 2 (student, {s2['metric']} {s2['best_metric']:.2f}, from teacher {s2.get('teacher_rank', 1)}): "
+           f"{s2['best_params']}", "", "## Models", ""]
+    md += [f"- {k}: `{v}`" for k, v in {"teacher": s3["teacher"], **s3["models"]}.items()]
     storage.write_text(out.path("summary.md"), "\n".join(md) + "\n")
     return summary
 
@@ -243,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = write_summary(out, cfg, s1, s2, s3, ev, command)
     print(f"\n{cfg.tune.experiment}: test top-1 on {ev['n_test_images']} images "
           f"({time.time() - started:.0f} s this run)\n{render_table(ev['table'])}\n"
-          f"\nbest teacher params: {short(s1['best_params'])}\nbest student params: {short(s2['best_params'])}\n"
+          f"\n{teacher_line(s1, s2)}\nbest student params: {short(s2['best_params'])}\n"
           f"summary: {out.path('summary.md')}\ninspect: raypipe results {out.location}", flush=True)
     return summary
 
@@ -256,6 +286,12 @@ def demo_data(out: Outputs, smoke: bool) -> str:
         make_demo_data(out.local("demo_data"), SMOKE_DEMO if smoke else DEMO, size=32 if smoke else 64)
         out.publish("demo_data")
     return out.path("demo_data")
+
+
+def teacher_line(s1: dict, s2: dict) -> str:
+    chosen, n = chosen_teacher(s1, s2), len(stage1_teachers(s1))
+    which = f" (stage 1's {chosen['rank']} of {n} by {s1['metric']}; its student won stage 2)" if n > 1 else ""
+    return f"teacher params: {short(chosen['params'])}{which}"
 
 
 def short(params: dict) -> str:

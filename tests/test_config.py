@@ -23,12 +23,22 @@ def test_yaml_then_overrides_then_roundtrip(tmp_path):
     (["teacher.queue_size=100", "teacher.batch_size=32"], ["queue_size", "multiple", "global batch"]),
     (["nosuchsection.x=1"], ["nosuchsection"]),
     (["tune.margin_range=0.3"], ["tune.margin_range", "list"]),
+    (["student.distill_weight=1e-4x"], ["student.distill_weight", "float"]),
 ])
 def test_bad_values_name_the_key(override, words):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=override)
     for w in words:
         assert w in str(err.value)
+
+
+def test_exponents_without_a_dot_are_floats(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-4 as text: in overrides, lists and files it is still the number."""
+    path = tmp_path / "c.yaml"
+    path.write_text("student: {distill_weight: 1e-3}\n")
+    cfg = load_config(path, ["tune.distill_weight_range=[1e-6, 5e-3]", "teacher.weight_decay=2e-4"])
+    assert cfg.student.distill_weight == 1e-3 and cfg.tune.distill_weight_range == [1e-6, 5e-3]
+    assert cfg.teacher.weight_decay == 2e-4
 
 
 def test_queue_multiple_follows_worker_count():

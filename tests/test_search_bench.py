@@ -114,3 +114,17 @@ def test_picking_by_an_objective_gains_only_as_far_as_it_ranks_the_students(repl
     assert best > 2 and lo <= best <= hi  # the best of 4 beats their mean
     assert replay_mod.selection_gain(values, "final", 4)[0] == pytest.approx(best)
     assert replay_mod.selection_gain(values, "reversed", 4)[0] < -2  # the worst of 4
+
+
+def test_the_joint_step_keeps_the_best_student_among_stage_1s_top_teachers(replay_mod):
+    """Stage 1 ranks by the teacher's k-NN (here reversed to the students), stage 2 keeps the best student
+    of its top N on val, and the pick is scored on the column asked for (test: held out)."""
+    values = pd.DataFrame({"teacher": [6.0, 5, 4, 3, 2, 1], "final": [30.0, 32, 34, 36, 38, 40],
+                           "test": [40.0, 38, 36, 34, 32, 30]})
+    first_only = replay_mod.selection_gain(values, "teacher", 6, top=1)[0]
+    assert first_only == pytest.approx(30 - 35)                  # k-NN's first: the worst student
+    assert replay_mod.selection_gain(values, "teacher", 6, top=2)[0] == pytest.approx(32 - 35)
+    assert replay_mod.selection_gain(values, "teacher", 6, top=6)[0] == pytest.approx(40 - 35)  # every student
+    assert replay_mod.selection_gain(values, "teacher", 6, top=2, against="first")[0] == pytest.approx(32 - 30)
+    # chosen on val, scored on test: val and test disagree here, so the choice loses on test
+    assert replay_mod.selection_gain(values, "teacher", 6, top=6, score="test")[0] == pytest.approx(30 - 35)

@@ -85,9 +85,10 @@ def test_smoke_main_job_on_s3_killed_and_resumed_from_empty_disk_then_results(ra
     assert before and not storage.exists(f"{exp}/stage1_teacher.json")
 
     env = fresh_node("node2")
-    second = subprocess.run(cmd, cwd=script.parent, env=env, capture_output=True, text=True, timeout=900)
-    output = second.stdout + second.stderr
-    (tmp_path / "run2.log").write_text(output)
+    with open(tmp_path / "run2.log", "w") as log2:   # written as it runs: what a timeout leaves to read
+        second = subprocess.run(cmd, cwd=script.parent, env=env, stdout=log2, stderr=subprocess.STDOUT, text=True,
+                                timeout=900)
+    output = (tmp_path / "run2.log").read_text()
     assert second.returncode == 0, output[-3000:]
     assert "[stage1_teacher] restoring" in output
     # output for people: a short log, no line twice in a row, no Ray internals, one line per epoch by role
@@ -118,6 +119,17 @@ def test_smoke_main_job_on_s3_killed_and_resumed_from_empty_disk_then_results(ra
     assert set(summary["stage1_teacher"]["best_params"]) == {"teacher.margin", "teacher.temperature",
                                                             "teacher.queue_size"}
     assert summary["stage1_teacher"]["paper_point"]["teacher.margin"] == 0.4
+    # the joint step: stage 1 exports its 2 best teachers, stage 2 gives each a student at the config's
+    # values, stage 3 distils from the teacher of the winning student
+    s1, s2 = storage.read_json(f"{exp}/stage1_teacher.json"), storage.read_json(f"{exp}/stage2_student.json")
+    bests = sorted((t["best"] for t in s1["trials"] if t["best"] is not None), reverse=True)
+    assert [t["rank"] for t in s1["teachers"]] == [1, 2] and [t["metric"] for t in s1["teachers"]] == bests[:2]
+    assert len({t["teacher"] for t in s1["teachers"]}) == 2 and all(storage.is_file(t["teacher"]) for t in s1["teachers"])
+    assert s2["best_metric"] == max(t["best"] for t in s2["trials"] if t["best"] is not None)
+    chosen = s1["teachers"][s2["teacher_rank"] - 1]["teacher"]
+    assert summary["teacher"] == storage.read_json(f"{exp}/stage3_final.json")["teacher"] == chosen
+    assert f"stage 2 (student, val_top1 {s2['best_metric']:.2f}, from teacher {s2['teacher_rank']})" in \
+        storage.read_text(f"{exp}/summary.md")
     assert storage.read_text(f"{exp}/summary.md").count("|") > 20 and "+ 10-crop" in output
     assert f"summary: {exp}/summary.md" in output
     models = {"teacher": summary["stage1_teacher"]["teacher"], **summary["models"]}
@@ -161,6 +173,9 @@ def test_smoke_main_job_on_s3_killed_and_resumed_from_empty_disk_then_results(ra
     study = stored_study(storage.Outputs(exp), "stage1_teacher")   # the searcher's own study, read from the bucket
     assert len(study.trials) == 2 and study.trials[0].params["teacher/margin"] == 0.4   # the config's point first
     assert {"teacher/temperature", "teacher/queue_size"} <= set(study.trials[1].params)
+    students = stored_study(storage.Outputs(exp), "stage2_student")   # one student per teacher, at the config's point
+    assert sorted(t.params["teacher_rank"] for t in students.trials) == [1, 2]
+    assert {t.params["student/distill_weight"] for t in students.trials} == {1e-4}
     from PIL import Image
     legend = Image.open(io.BytesIO(storage.read_bytes(f"{exp}/plots/stage3_final_curves.png"))).text["Description"]
     assert {"supervised", "finetune", "distill_0", "distill_1"} <= set(legend.removeprefix("legend: ").split(" | "))
@@ -209,3 +224,38 @@ def test_trials_are_tracked_in_mlflow_when_asked(ray_cluster, tmp_path, monkeypa
         history = client.get_metric_history(r.info.run_id, "knn_top1")
         margin = float(r.data.params["teacher/margin"])
         assert sorted(m.value for m in history) == pytest.approx([10 * margin, 10 * margin + 1])
+
+
+def _teacher_scoring_trial(config: dict, ctx: dict) -> None:
+    """Reports a val_top1 that depends only on the teacher the trial resolves (and the epoch)."""
+    from ray import tune
+
+    from raypipe.search import trial_teacher
+    config, teacher = trial_teacher(config, ctx)
+    for epoch in range(2):
+        tune.report({"val_top1": ctx["scores"][teacher] + epoch})
+
+
+def test_stage2_gives_each_teacher_a_student_and_ranks_them_by_the_student(ray_cluster, tmp_path):
+    """The student search's teacher choice through real Tune: one starting point per teacher at the config's
+    values, each trial distilling from the teacher its rank names, and the winner's teacher chosen for stage 3."""
+    from raypipe.config import load_config
+    from raypipe.search import ranked_trials, run_tune_stage, student_space
+    from raypipe.tune import chosen_teacher
+
+    cfg = load_config(overrides=["tune.max_concurrent_trials=1", "student.distill_weight=2e-4"])
+    space, points = student_space(cfg, 3)
+    assert [p["teacher_rank"] for p in points] == [1, 2, 3] and all(p["student.distill_weight"] == 2e-4 for p in points)
+    teachers = ["first.pt", "second.pt", "third.pt"]
+    ctx = {"storage": str(tmp_path / "exp"), "teacher": "first.pt", "teachers": teachers,
+           "scores": {"first.pt": 10.0, "second.pt": 30.0, "third.pt": 20.0}}
+    grid = run_tune_stage("stage2_student", _teacher_scoring_trial, ctx, cfg, space, "val_top1", 3, points, max_t=2)
+    ranked = ranked_trials(grid, "val_top1")           # by each trial's best epoch, best first
+    assert [value for _, value in ranked] == [31.0, 21.0, 11.0]
+    assert [r.config["teacher_rank"] for r, _ in ranked] == [2, 3, 1]
+    assert all(r.config["student"]["distill_weight"] == 2e-4 for r, _ in ranked)
+    s1 = {"teachers": [{"rank": i + 1, "teacher": t} for i, t in enumerate(teachers)]}
+    assert chosen_teacher(s1, {"teacher_rank": ranked[0][0].config["teacher_rank"]})["teacher"] == "second.pt"
+    # a record from before the choice existed: its one teacher
+    old = {"best_metric": 1.0, "best_params": {}, "best_config": {}, "teacher": "only.pt"}
+    assert chosen_teacher(old, {})["teacher"] == "only.pt"
