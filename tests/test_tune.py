@@ -208,7 +208,7 @@ def test_trials_are_tracked_in_mlflow_when_asked(ray_cluster, tmp_path, monkeypa
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")   # MLflow 3 wants a server or a database otherwise
     cfg = load_config(overrides=["tune.loggers=[mlflow]", "tune.experiment=track", "tune.max_concurrent_trials=1"])
     grid = run_tune_stage("stage1_teacher", _reporting_trial, {"storage": str(tmp_path / "exp")}, cfg,
-                          {"teacher.margin": tune.uniform(0.0, 0.8)}, "knn_top1", 2, {"teacher.margin": 0.4}, max_t=2)
+                          {"teacher.margin": tune.uniform(0.0, 0.8)}, "knn_top1", 2, [{"teacher.margin": 0.4}], max_t=2)
     best, value = best_trial(grid, "knn_top1")          # ranked by the best epoch of each trial
     top = max(r.config["teacher"]["margin"] for r in grid)
     assert best.config["teacher"]["margin"] == top and value == pytest.approx(10 * top + 1)
