@@ -190,7 +190,7 @@ def selection_gain(values: pd.DataFrame, objective: str, candidates: int, top: i
     return float(np.mean(gains)), float(np.percentile(gains, 2.5)), float(np.percentile(gains, 97.5))
 
 
-def correlations(table: Table, students: pd.DataFrame | None) -> dict:
+def correlations(table: Table, students: pd.DataFrame | None, earlier: pd.DataFrame | None = None) -> dict:
     """How well an early k-NN ranks teachers by their plateau (what ASHA relies on), and how well
     a teacher's k-NN ranks the students distilled from it (what stage 1 relies on), against the
     student's own seed noise and a short distilled-student proxy."""
@@ -214,6 +214,12 @@ def correlations(table: Table, students: pd.DataFrame | None) -> dict:
             for proxy in proxies:
                 out[f"student_{proxy}_vs_student_val"] = spearman_ci(first[proxy], first["final"])
             out["student_val_sd_between_teachers"] = float(first["final"].std())
+            if earlier is not None and len(earlier):
+                # the same students run before (another RNG stream): how well one student's val ranks its teacher
+                both = values.merge(student_values(earlier), on=["config", "student_seed"], suffixes=("", "_earlier"))
+                out["student_val_vs_earlier_run"] = spearman_ci(both["final_earlier"], both["final"])
+                out["student_val_sd_rerun"] = float(np.std(both["final"] - both["final_earlier"], ddof=1) / np.sqrt(2))
+                out["reruns"] = len(both)
             repeated = values.groupby("config").filter(lambda g: len(g) > 1)
             if len(repeated):
                 # pooled within-teacher sd: what a student's val moves by its seed alone
@@ -315,7 +321,9 @@ def main():
               f"chosen configuration's plateau at 0.5x {m['chosen_plateau_at_half_budget_median']:.1f}, "
               f"at 1x {m['chosen_plateau_at_budget_median']:.1f}")
     students = TABLE / "students.csv"
-    summary["correlations"] = correlations(table, pd.read_csv(students) if students.exists() else None)
+    earlier = TABLE / "students_earlier.csv"
+    summary["correlations"] = correlations(table, pd.read_csv(students) if students.exists() else None,
+                                           pd.read_csv(earlier) if earlier.exists() else None)
     Path(args.out).write_text(json.dumps(summary, indent=2))
     if args.plot:
         import matplotlib

@@ -232,15 +232,17 @@ def generate(args) -> None:
 
 
 def merge(args) -> None:
-    """Per-configuration files -> bench/search/teachers.csv and students.csv."""
+    """Per-configuration files -> bench/search/teachers.csv and students.csv; student files moved to
+    ``<runs>/earlier/`` (runs replaced by ``--test`` reruns) -> students_earlier.csv."""
     runs = Path(args.runs)
     TABLE.mkdir(parents=True, exist_ok=True)
-    for kind in ("teacher", "student"):
-        files = sorted(runs.glob(f"{kind}_*.csv"))
+    for folder, kind, name in ((runs, "teacher", "teachers"), (runs, "student", "students"),
+                               (runs / "earlier", "student", "students_earlier")):
+        files = sorted(folder.glob(f"{kind}_*.csv"))
         if files:
             table = pd.concat([pd.read_csv(f) for f in files]).round(4)
-            table.to_csv(TABLE / f"{kind}s.csv", index=False)
-            print(f"{TABLE / f'{kind}s.csv'}: {table['config'].nunique()} configurations, {len(table)} rows")
+            table.to_csv(TABLE / f"{name}.csv", index=False)
+            print(f"{TABLE / f'{name}.csv'}: {table['config'].nunique()} configurations, {len(table)} rows")
 
 
 def main():

@@ -105,6 +105,10 @@ def test_student_values_use_the_last_epochs_and_pool_the_seed_noise_within_teach
     # teacher 0: 30 and 32, teacher 1: 31 and 29 -> deviations of 1 each, 4 values, 2 means -> sd sqrt(4/2)
     assert out["student_val_sd_seed"] == pytest.approx(2 ** 0.5)
     assert out["teacher_knn_vs_student_val"][0] == pytest.approx(1.0)
+    # the same students run again: +1/-1 in turn -> differences of sd sqrt(6/5), per run that over sqrt(2)
+    earlier = _students({(c, 0): 30.0 + c + (1 if c % 2 else -1) for c in range(6)}, {c: 20.0 + c for c in range(6)})
+    out = replay_mod.correlations(table, _students(finals, {c: 20.0 + c for c in range(6)}), earlier)
+    assert out["reruns"] == 6 and out["student_val_sd_rerun"] == pytest.approx((6 / 5) ** 0.5 / 2 ** 0.5)
 
 
 def test_picking_by_an_objective_gains_only_as_far_as_it_ranks_the_students(replay_mod):
