@@ -84,12 +84,14 @@ def stage2(cfg: Config, ctx: dict, out: Outputs, s1: dict) -> dict:
                           base, space, STUDENT_METRIC, cfg.tune.student_trials, points,
                           max_t=cfg.tune.asha_max_t or base.student.epochs)
     best, value = best_trial(grid, STUDENT_METRIC)
-    config = {k: v for k, v in best.config.items() if k != TEACHER_CHOICE}
     record = {"best_metric": value, "metric": STUDENT_METRIC, "best_params": {k: get_dotted(best.config, k) for k in space},
-              "paper_point": points[0], "best_config": Config.from_dict(config).to_dict(),
-              "teacher_rank": best.config.get(TEACHER_CHOICE, 1), "trials": trial_summary(grid, STUDENT_METRIC)}
+              "paper_point": points[0], "teacher_rank": best.config.get(TEACHER_CHOICE, 1),
+              "trials": trial_summary(grid, STUDENT_METRIC)}
+    chosen = chosen_teacher(s1, record)
+    # the winner's config, its teacher section the chosen teacher's (what stage 3's members record)
+    record["best_config"] = Config.from_dict({**{k: v for k, v in best.config.items() if k != TEACHER_CHOICE},
+                                              "teacher": chosen["config"]["teacher"]}).to_dict()
     if len(teachers) > 1:
-        chosen = chosen_teacher(s1, record)
         print(f"[stage2_student] distilling from stage 1's teacher {chosen['rank']} of {len(teachers)} "
               f"({TEACHER_METRIC} {chosen['metric']:.2f}): its student has the best {STUDENT_METRIC}", flush=True)
     return out.write_record("stage2_student", record)

@@ -127,6 +127,7 @@ def test_smoke_main_job_on_s3_killed_and_resumed_from_empty_disk_then_results(ra
     assert len({t["teacher"] for t in s1["teachers"]}) == 2 and all(storage.is_file(t["teacher"]) for t in s1["teachers"])
     assert s2["best_metric"] == max(t["best"] for t in s2["trials"] if t["best"] is not None)
     chosen = s1["teachers"][s2["teacher_rank"] - 1]["teacher"]
+    assert s2["best_config"]["teacher"] == s1["teachers"][s2["teacher_rank"] - 1]["config"]["teacher"]
     assert summary["teacher"] == storage.read_json(f"{exp}/stage3_final.json")["teacher"] == chosen
     assert f"stage 2 (student, val_top1 {s2['best_metric']:.2f}, from teacher {s2['teacher_rank']})" in \
         storage.read_text(f"{exp}/summary.md")
