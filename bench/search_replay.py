@@ -233,9 +233,16 @@ def correlations(table: Table, students: pd.DataFrame | None, earlier: pd.DataFr
             # the joint step: stage 2 distils from stage 1's `top` best teachers and keeps the best student on val;
             # scored on val (where it chose) and, where measured, on test (held out from every choice)
             tested = first.dropna(subset=["test"]).reset_index()
+            tested = tested.assign(table_plateau=[table.plateau[c] for c in tested["config"]],
+                                   table_best=[table.curves[c].max() for c in tested["config"]])
             if len(tested) >= k:
-                out["test_vs_val_final"] = spearman_ci(tested["final"], tested["test"])
+                # held out: which stage-1 or stage-2 signal ranks the students' test top-1
+                out["tested_pairs"] = len(tested)
                 out["student_test_sd_between_teachers"] = float(tested["test"].std())
+                for objective in ["teacher", "table_best", "table_plateau", "final"] + proxies:
+                    out[f"{objective}_vs_student_test"] = spearman_ci(tested[objective], tested["test"])
+                    out[f"pick_of_{min(8, len(tested))}_by_{objective}_gain_test"] = selection_gain(
+                        tested, objective, min(8, len(tested)), score="test")
             for n in (8, k):
                 for top in range(1, k + 1):
                     for score, rows in (("val", first.reset_index()), ("test", tested)):

@@ -156,10 +156,10 @@ class TuneConfig:
     storage: str = opt("runs", doc="local folder or s3:// / gs:// URI for all Tune and Train outputs")
     teacher_trials: int = opt(8, lo=1)
     student_trials: int = opt(6, lo=1)
-    stage2_teachers: int = opt(2, lo=1, doc="stage 2 distils from stage 1's N best teachers (at most the trials "
+    stage2_teachers: int = opt(1, lo=1, doc="stage 2 distils from stage 1's N best teachers (at most the trials "
                                             "of either stage): the teacher is a choice of the student search, "
-                                            "and stage 3 takes the one whose student wins on val "
-                                            "(docs/search.md: k-NN does not rank students)")
+                                            "and stage 3 takes the one whose student wins on val. 1: k-NN's best "
+                                            "(docs/search.md: a small val set does not rank students)")
     max_concurrent_trials: int = opt(0, lo=0, doc="0 = from the cluster's resources")
     driver_cpus: float = opt(0.01, lo=0.001, hi=1.0, doc="CPU held by each trial's driver")
     loggers: list[str] = opt([], doc="experiment trackers besides TensorBoard: mlflow, wandb (configured by their "
