@@ -195,6 +195,7 @@ def run_config(job: tuple) -> str:
         if not teacher_file.exists():
             write_atomic(pd.DataFrame([{"config": cid, **point, **row} for row in curve]), teacher_file)
     if want_student:
+        torch.manual_seed(cfg.student.seed)  # the student's own stream, whether or not a teacher was trained first
         teacher = torch.load(weights, map_location=device)
         curve = run_student(cfg, data, rt, teacher["state"], test)
         write_atomic(pd.DataFrame([{"config": cid, "student_seed": student_seed,
