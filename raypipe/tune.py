@@ -4,8 +4,8 @@ student (lambda, CE warm-up, lr), then the final models, the test evaluation and
 Stages (each skipped on a re-run once finished, restored with ``Tuner.restore`` if interrupted):
   1. ``stage1_teacher``: each trial is a phase-1 TorchTrainer run, objective k-NN val top-1; the
      ``tune.stage2_teachers`` best teachers are exported;
-  2. ``stage2_student``: each trial is a phase-2 ``distill`` run from one of them (the teacher is a
-     searched choice: k-NN does not rank students, docs/search.md), objective val top-1;
+  2. ``stage2_student``: each trial is a phase-2 ``distill`` run from one of them (with more than
+     one, the teacher is a searched choice; docs/search.md), objective val top-1;
   3. ``stage3_final``: supervised baseline, fine-tune and the distilled ensemble members from the
      teacher of stage 2's best student (a Tune grid, so they run in parallel on a cluster), then the
      test evaluation.
@@ -24,7 +24,8 @@ from .cli import parse_args as overrides_anywhere
 from .config import Config, ConfigError, get_dotted, load_config, parse_overrides, preset, set_verbose
 from .data import scan_dataset
 from .search import (TEACHER_CHOICE, best_state, best_trial, final_trial, queue_candidates, ranked_trials,
-                     run_tune_stage, student_space, student_trial, teacher_space, teacher_trial, trial_summary)
+                     run_tune_stage, student_space, student_trial, teacher_space, teacher_trial, trial_summary,
+                     trial_teacher)
 from .storage import Outputs, join
 
 TEACHER_METRIC, STUDENT_METRIC = "knn_top1", "val_top1"
@@ -78,10 +79,9 @@ def stage2(cfg: Config, ctx: dict, out: Outputs, s1: dict) -> dict:
     base = base.with_overrides({"student.mode": "distill"})
     teachers = stage1_teachers(s1)[:cfg.tune.student_trials]
     space, points = student_space(base, len(teachers))
-    grid = run_tune_stage("stage2_student", student_trial,
-                          {**ctx, "stage": "stage2_student", "teacher": s1["teacher"],
-                           "teachers": [t["teacher"] for t in teachers]},
-                          base, space, STUDENT_METRIC, cfg.tune.student_trials, points,
+    stage_ctx = {**ctx, "stage": "stage2_student", "teacher": s1["teacher"], "teachers": [t["teacher"] for t in teachers]}
+    grid = run_tune_stage("stage2_student", student_trial, stage_ctx, base, space, STUDENT_METRIC,
+                          cfg.tune.student_trials, points,
                           max_t=cfg.tune.asha_max_t or base.student.epochs)
     best, value = best_trial(grid, STUDENT_METRIC)
     record = {"best_metric": value, "metric": STUDENT_METRIC, "best_params": {k: get_dotted(best.config, k) for k in space},
@@ -89,8 +89,8 @@ def stage2(cfg: Config, ctx: dict, out: Outputs, s1: dict) -> dict:
               "trials": trial_summary(grid, STUDENT_METRIC)}
     chosen = chosen_teacher(s1, record)
     # the winner's config, its teacher section the chosen teacher's (what stage 3's members record)
-    record["best_config"] = Config.from_dict({**{k: v for k, v in best.config.items() if k != TEACHER_CHOICE},
-                                              "teacher": chosen["config"]["teacher"]}).to_dict()
+    config, _ = trial_teacher(best.config, stage_ctx)
+    record["best_config"] = Config.from_dict({**config, "teacher": chosen["config"]["teacher"]}).to_dict()
     if len(teachers) > 1:
         print(f"[stage2_student] distilling from stage 1's teacher {chosen['rank']} of {len(teachers)} "
               f"({TEACHER_METRIC} {chosen['metric']:.2f}): its student has the best {STUDENT_METRIC}", flush=True)
