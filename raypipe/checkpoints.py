@@ -33,15 +33,20 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def load_resume_state() -> dict | None:
+def load_resume_state(local_dir: str | None = None) -> dict | None:
     """The newest readable checkpoint of this run (after a failure or a re-run), or None.
 
     Ray Train hands over its latest checkpoint; if that file is torn (a write interrupted half
-    way), the previous complete checkpoint in the same storage folder is used instead.
+    way), the previous complete checkpoint in the same storage folder is used instead. Train's
+    local mode hands over none (it does not persist them): there the newest checkpoint in
+    ``local_dir`` (where ``report_epoch`` kept them) is the one.
     """
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
+    if ckpt is None and local_dir:
+        kept = sorted(Path(local_dir).glob("checkpoint_epoch_*")) if Path(local_dir).is_dir() else []
+        ckpt = ray.train.Checkpoint.from_directory(str(kept[-1])) if kept else None
     if ckpt is None:
         return None
     try:

@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", nargs="+", default=["val"], choices=("val", "test"))
     s.add_argument("--epochs", type=int, default=100)
     s.add_argument("--lr", type=float, nargs="+", default=list(PROBE_LRS),
-                   help="learning rates to try; the best on val is kept (default: %(default)s)")
+                   help="learning rates to try; the best on val is kept, and while it is the smallest or largest "
+                        "tried, up to 2 more are tried x10 beyond it (default: %(default)s)")
     s.add_argument("--out", help="also write the scores to this JSON file")
     _config_args(s)
     s.set_defaults(fn=cmd_linear_probe)

@@ -94,20 +94,41 @@ def top1(clf: nn.Module, feats: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * (clf(feats).argmax(1) == labels).float().mean().item()
 
 
+def extend_lr_grid(score, lrs, max_extra: int = 2, factor: float = 10.0) -> dict:
+    """``{lr: score(lr)}`` over ``lrs``; while the best lr is the grid's smallest or largest, one
+    more lr ``factor`` beyond that edge is tried (at most ``max_extra``), so the choice is not
+    cut off by the grid. Ties go to the first lr tried."""
+    scores = {lr: score(lr) for lr in lrs}
+    for _ in range(max_extra if len(scores) > 1 else 0):   # one lr given: the user's choice
+        best = max(scores, key=scores.get)
+        if min(scores) < best < max(scores):
+            break
+        beyond = best / factor if best == min(scores) else best * factor
+        scores[beyond] = score(beyond)
+    return scores
+
+
 def linear_probe(train_feats, train_labels, eval_feats: dict[str, tuple], num_classes: int,
                  epochs: int = 100, lrs=PROBE_LRS, select_on: str = "val", batch_size: int = 256,
-                 seed: int = 0) -> dict:
-    """A linear classifier per learning rate in ``lrs``; the one with the best top-1 on the
-    ``select_on`` split (the first evaluation split if absent) is kept. Returns
-    ``{"top1": {split: score}, "lr": chosen lr, "select_on": split, "lr_scores": {lr: score}}``."""
+                 seed: int = 0, max_extra_lrs: int = 2) -> dict:
+    """A linear classifier per learning rate in ``lrs`` (plus up to ``max_extra_lrs`` beyond the
+    grid's edge while the best lr sits on it); the one with the best top-1 on the ``select_on``
+    split (the first evaluation split if absent) is kept. Returns ``{"top1": {split: score},
+    "lr": chosen lr, "select_on": split, "lr_scores": {lr: score}, "lr_at_edge": bool}``
+    (``lr_at_edge``: the chosen lr is still the smallest or largest tried)."""
     select_on = select_on if select_on in eval_feats else next(iter(eval_feats))
     milestones = (int(epochs * 0.6), int(epochs * 0.8))
-    trained = {lr: train_linear(train_feats, train_labels, num_classes, lr, epochs, milestones, batch_size, seed)
-               for lr in lrs}
-    lr_scores = {lr: top1(clf, *eval_feats[select_on]) for lr, clf in trained.items()}
-    best = max(lr_scores, key=lambda lr: (lr_scores[lr], -lrs.index(lr)))  # ties: the first lr of the grid
+    trained = {}
+
+    def val_top1(lr):
+        trained[lr] = train_linear(train_feats, train_labels, num_classes, lr, epochs, milestones, batch_size, seed)
+        return top1(trained[lr], *eval_feats[select_on])
+
+    lr_scores = extend_lr_grid(val_top1, lrs, max_extra_lrs)
+    best = max(lr_scores, key=lr_scores.get)
     return {"top1": {name: top1(trained[best], f, y) for name, (f, y) in eval_feats.items()},
-            "lr": best, "select_on": select_on, "lr_scores": lr_scores}
+            "lr": best, "select_on": select_on, "lr_scores": lr_scores,
+            "lr_at_edge": len(lr_scores) > 1 and best in (min(lr_scores), max(lr_scores))}
 
 
 # ---- classification: single model, ensemble, 10-crop ---------------------------------
@@ -305,4 +326,5 @@ def probe_teacher(data_cfg, teacher: str | dict, splits: tuple[str, ...] = ("val
     for s in splits:
         out[f"{s}_knn_top1"] = knn_top1(*feats["train"], *feats[s], k=knn_k, t=knn_t, num_classes=num_classes)
     return {**out, "probe_lr": probe["lr"], "probe_lr_chosen_on": probe["select_on"],
-            "probe_val_top1_by_lr": {str(k): v for k, v in probe["lr_scores"].items()}}
+            "probe_lr_at_edge": probe["lr_at_edge"],
+            "probe_val_top1_by_lr": {str(k): v for k, v in sorted(probe["lr_scores"].items())}}

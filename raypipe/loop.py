@@ -153,7 +153,7 @@ class Loop:
         self.log = EpochLog(meta["outputs"]) if meta.get("outputs") and rt.is_main else None
         self.local_checkpoint_dir = loop_config.get("local_checkpoint_dir")
         self.score_metric = meta.get("score_metric")
-        resume = load_resume_state()
+        resume = load_resume_state(self.local_checkpoint_dir)
         if resume:
             model.load_state_dict(resume["model"])
         self.net = wrap_ddp(model, rt)

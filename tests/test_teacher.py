@@ -1,8 +1,10 @@
 """Phase 1 on real Ray Train (CPU, gloo): local mode, two workers, resume."""
 import json
+import math
 
 import pandas as pd
 import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -65,11 +67,13 @@ def test_linear_probe_command_writes_linear_and_knn_scores(trained_teacher, tiny
             assert abs(scores[key] * n / 100 - round(scores[key] * n / 100)) < 1e-4, (key, n)
 
 
-@pytest.mark.slow
-def test_two_worker_run_then_resume_continues_at_next_epoch(ray_cluster, tiny_config, tmp_path):
-    cfg = tiny_config("name=resume", "resources.num_workers=2", "teacher.queue_size=32")
+@pytest.mark.parametrize("workers", [pytest.param(0, id="local_mode"),
+                                     pytest.param(2, id="two_workers", marks=pytest.mark.slow)])
+def test_run_then_resume_continues_at_next_epoch(ray_cluster, tiny_config, tmp_path, workers):
+    # local mode: Train hands back no checkpoint, the run's own local_checkpoints folder is read
+    cfg = tiny_config("name=resume", f"resources.num_workers={workers}", "teacher.queue_size=32")
     first = pretrain(cfg)
-    assert first["world_size"] == 2 and first["epochs"] == 1
+    assert first["world_size"] == max(1, workers) and first["epochs"] == 1
     history_1 = pd.read_csv(tmp_path / "runs" / "resume" / "metrics.csv")
     second = pretrain(cfg.with_overrides({"teacher.epochs": 2}))
     history_2 = pd.read_csv(tmp_path / "runs" / "resume" / "metrics.csv")
@@ -116,7 +120,20 @@ def test_linear_probe_follows_moco_lincls_and_picks_the_lr_on_val():
     b = train_linear(feats * 10, labels, 5, lr=0.1, epochs=5, milestones=(3, 4))
     assert not torch.allclose(a.weight, b.weight, atol=1e-3)
     val, test = (feats[::3], labels[::3]), (feats[1::3], labels[1::3])
-    probe = linear_probe(feats[2::3], labels[2::3], {"val": val, "test": test}, 5, epochs=20, lrs=(1e-4, 0.1, 1.0))
+    probe = linear_probe(feats[2::3], labels[2::3], {"val": val, "test": test}, 5, epochs=20, lrs=(1e-4, 0.1, 1.0),
+                         max_extra_lrs=0)
     assert probe["select_on"] == "val" and set(probe["lr_scores"]) == {1e-4, 0.1, 1.0}
     assert probe["lr_scores"][probe["lr"]] == max(probe["lr_scores"].values()) == probe["top1"]["val"]
     assert probe["lr"] != 1e-4 and probe["lr_scores"][1e-4] < probe["top1"]["val"]   # a tiny lr barely moves
+
+
+def test_probe_lr_grid_extends_past_the_edge_the_best_lr_sits_on():
+    from raypipe.evaluate import extend_lr_grid
+    peak = lambda best: (lambda lr: -abs(math.log10(lr) - math.log10(best)))   # val top-1 peaks at `best`
+    grid = (0.1, 1.0, 10.0, 30.0)
+    assert set(extend_lr_grid(peak(1.0), grid)) == set(grid)                     # interior best: grid as given
+    assert set(extend_lr_grid(peak(0.005), grid)) == {*grid, 0.01, 0.001}        # low edge: down, twice
+    assert set(extend_lr_grid(peak(0.01), grid)) == {*grid, 0.01, 0.001}         # 0.01 wins, 0.001 makes it interior
+    assert set(extend_lr_grid(peak(50.0), grid)) == {*grid, 300.0}               # high edge: up, then interior
+    assert set(extend_lr_grid(peak(1e-6), grid, max_extra=1)) == {*grid, 0.01}   # bounded
+    assert set(extend_lr_grid(peak(1e-6), (0.1,))) == {0.1}                      # one lr: the user's choice
