@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import storage
 from .config import Config
 
 STATE_FILE = "state.pt"
@@ -33,20 +35,46 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def load_resume_state(local_dir: str | None = None) -> dict | None:
+@dataclass
+class LocalCheckpoints:
+    """Train's local mode (num_workers=0) neither persists checkpoints nor hands them back to a
+    re-run, so the loop keeps them in ``folder`` and, where the run's outputs are a URI, copies
+    each to ``location`` too: a re-run on a fresh node resumes from there."""
+    folder: str
+    location: str | None = None
+
+    def save(self, state: dict, epoch: int) -> Path:
+        folder = Path(self.folder) / f"checkpoint_epoch_{epoch:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_state(state, folder)
+        if self.location:
+            storage.upload(folder, storage.join(self.location, folder.name))
+        return folder
+
+    def newest(self) -> Path | None:
+        """The newest kept checkpoint folder; fetched from ``location`` when this node has none."""
+        kept = sorted(Path(self.folder).glob("checkpoint_epoch_*"))
+        if not kept and self.location:
+            remote = [n for n, is_dir in storage.list_dir(self.location)
+                      if is_dir and n.startswith("checkpoint_epoch_")
+                      and storage.is_file(storage.join(self.location, n, STATE_FILE))]
+            if remote:
+                kept = [storage.download(storage.join(self.location, remote[-1]), Path(self.folder) / remote[-1])]
+        return kept[-1] if kept else None
+
+
+def load_resume_state(local: LocalCheckpoints | None = None) -> dict | None:
     """The newest readable checkpoint of this run (after a failure or a re-run), or None.
 
     Ray Train hands over its latest checkpoint; if that file is torn (a write interrupted half
-    way), the previous complete checkpoint in the same storage folder is used instead. Train's
-    local mode hands over none (it does not persist them): there the newest checkpoint in
-    ``local_dir`` (where ``report_epoch`` kept them) is the one.
+    way), the previous complete checkpoint in the same storage folder is used instead. In Train's
+    local mode Train hands over none: the newest of ``local`` is the one.
     """
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
-    if ckpt is None and local_dir:
-        kept = sorted(Path(local_dir).glob("checkpoint_epoch_*")) if Path(local_dir).is_dir() else []
-        ckpt = ray.train.Checkpoint.from_directory(str(kept[-1])) if kept else None
+    if ckpt is None and local and (folder := local.newest()):
+        ckpt = ray.train.Checkpoint.from_directory(str(folder))
     if ckpt is None:
         return None
     try:
@@ -86,22 +114,16 @@ def load_state_file(path: Path) -> dict:
         raise CheckpointError(f"checkpoint file is unreadable (torn or corrupt): {path}: {exc}") from exc
 
 
-def report_epoch(metrics: dict, state: dict | None, rt, local_dir: str | None = None) -> None:
-    """Every worker reports (Train's barrier); rank 0 attaches the checkpoint when given.
-
-    ``local_dir``: Train's local mode (num_workers=0) does not persist checkpoints, so they are
-    written there and kept instead of in a temporary folder that Train copies to storage.
-    """
+def report_epoch(metrics: dict, state: dict | None, rt, local: LocalCheckpoints | None = None) -> None:
+    """Every worker reports (Train's barrier); rank 0 attaches the checkpoint when given, kept by
+    ``local`` in Train's local mode, else in a temporary folder that Train copies to storage."""
     import ray.train
 
     if state is None or not rt.is_main:
         ray.train.report(metrics)
         return
-    if local_dir:
-        folder = Path(local_dir) / f"checkpoint_epoch_{metrics['epoch']:04d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_state(state, folder)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+    if local:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local.save(state, metrics["epoch"]))))
         return
     with tempfile.TemporaryDirectory(prefix="raypipe-ckpt-") as folder:
         _write_state(state, Path(folder))

@@ -151,9 +151,9 @@ class Loop:
         self.model, self.opt, self.cfg, self.rt = model, opt, cfg, rt
         self.print_epochs = meta.get("print_epochs", True)  # off under Tune: its callback prints the epoch line
         self.log = EpochLog(meta["outputs"]) if meta.get("outputs") and rt.is_main else None
-        self.local_checkpoint_dir = loop_config.get("local_checkpoint_dir")
+        self.local_checkpoints = loop_config.get("local_checkpoints")   # Train's local mode only
         self.score_metric = meta.get("score_metric")
-        resume = load_resume_state(self.local_checkpoint_dir)
+        resume = load_resume_state(self.local_checkpoints)
         if resume:
             model.load_state_dict(resume["model"])
         self.net = wrap_ddp(model, rt)
@@ -207,7 +207,7 @@ class Loop:
             print_epoch(phase, metrics, print_keys)
         if self.log:
             self.log.write(phase, self.history)
-        report_epoch(metrics, state, rt, self.local_checkpoint_dir)
+        report_epoch(metrics, state, rt, self.local_checkpoints)
 
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .checkpoints import best_weights, final_state
+from .checkpoints import LocalCheckpoints, best_weights, final_state
 from .cluster import check_cluster_can_fit, preflight, resolve_use_gpu
 from .config import Config, verbose
 
@@ -102,8 +102,12 @@ def run_trainer(train_fn: Callable, cfg: Config, loop_config: dict, datasets: di
         logging_config=LoggingConfig(log_level="INFO" if verbose() else "ERROR"),
         checkpoint_config=CheckpointConfig(num_to_keep=res.keep_checkpoints),
         failure_config=FailureConfig(max_failures=res.max_failures))
-    if res.num_workers == 0:
-        loop_config = {**loop_config, "local_checkpoint_dir": str((run.scratch / "local_checkpoints").resolve())}
+    if res.num_workers == 0:   # Train's local mode keeps no checkpoints: the loop keeps them, in the run's outputs
+        from .storage import is_uri
+
+        loop_config = {**loop_config, "local_checkpoints": LocalCheckpoints(
+            str((run.scratch / "local_checkpoints").resolve()),
+            run.path("local_checkpoints") if is_uri(run.location) else None)}
     trainer = TorchTrainer(train_fn, train_loop_config=loop_config, scaling_config=scaling,
                            run_config=run_config, datasets=datasets,
                            dataset_config=DataConfig(datasets_to_split=["train"]))

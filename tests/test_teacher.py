@@ -1,4 +1,5 @@
 """Phase 1 on real Ray Train (CPU, gloo): local mode, two workers, resume."""
+import io
 import json
 import math
 
@@ -67,16 +68,26 @@ def test_linear_probe_command_writes_linear_and_knn_scores(trained_teacher, tiny
             assert abs(scores[key] * n / 100 - round(scores[key] * n / 100)) < 1e-4, (key, n)
 
 
-@pytest.mark.parametrize("workers", [pytest.param(0, id="local_mode"),
-                                     pytest.param(2, id="two_workers", marks=pytest.mark.slow)])
-def test_run_then_resume_continues_at_next_epoch(ray_cluster, tiny_config, tmp_path, workers):
-    # local mode: Train hands back no checkpoint, the run's own local_checkpoints folder is read
-    cfg = tiny_config("name=resume", f"resources.num_workers={workers}", "teacher.queue_size=32")
+@pytest.mark.parametrize("workers,on_s3", [pytest.param(0, False, id="local_mode"),
+                                            pytest.param(0, True, id="local_mode_s3"),
+                                            pytest.param(2, False, id="two_workers", marks=pytest.mark.slow)])
+def test_run_then_resume_continues_at_next_epoch(ray_cluster, s3_server, tiny_config, tmp_path, workers, on_s3):
+    # Train's local mode hands back no checkpoint: the run keeps its own, in its outputs; on S3 the
+    # second run starts on an empty local folder (a fresh node) and resumes from the bucket alone
+    from raypipe import storage
+
+    output_dir = f"{s3_server}/{tmp_path.name}" if on_s3 else str(tmp_path / "runs")
+    cfg = tiny_config("name=resume", f"output_dir={output_dir}", f"resources.num_workers={workers}",
+                      "teacher.queue_size=32")
+
+    def history():
+        return pd.read_csv(io.StringIO(storage.read_text(storage.join(output_dir, "resume", "metrics.csv"))))
+
     first = pretrain(cfg)
     assert first["world_size"] == max(1, workers) and first["epochs"] == 1
-    history_1 = pd.read_csv(tmp_path / "runs" / "resume" / "metrics.csv")
+    history_1 = history()
     second = pretrain(cfg.with_overrides({"teacher.epochs": 2}))
-    history_2 = pd.read_csv(tmp_path / "runs" / "resume" / "metrics.csv")
+    history_2 = history()
     assert history_2["epoch"].tolist() == [0, 1]
     assert history_2["start_epoch"].tolist() == [0, 1]          # epoch 1 ran in the resumed run only
     pd.testing.assert_series_equal(history_1.loc[0, ["loss", "knn_top1"]], history_2.loc[0, ["loss", "knn_top1"]])
