@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +40,11 @@ def set_rng_state(state: dict) -> None:
 class LocalCheckpoints:
     """Train's local mode (num_workers=0) neither persists checkpoints nor hands them back to a
     re-run, so the loop keeps them in ``folder`` and, where the run's outputs are a URI, copies
-    each to ``location`` too: a re-run on a fresh node resumes from there."""
+    each to ``location`` too: a re-run on a fresh node resumes from there. The newest ``keep``
+    are kept (``resources.keep_checkpoints``, as Train does)."""
     folder: str
     location: str | None = None
+    keep: int = 2
 
     def save(self, state: dict, epoch: int) -> Path:
         folder = Path(self.folder) / f"checkpoint_epoch_{epoch:04d}"
@@ -49,6 +52,10 @@ class LocalCheckpoints:
         _write_state(state, folder)
         if self.location:
             storage.upload(folder, storage.join(self.location, folder.name))
+        for old in sorted(Path(self.folder).glob("checkpoint_epoch_*"))[:-self.keep]:
+            shutil.rmtree(old)
+            if self.location:
+                storage.remove_dir(storage.join(self.location, old.name))
         return folder
 
     def newest(self) -> Path | None:

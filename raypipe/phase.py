@@ -107,7 +107,7 @@ def run_trainer(train_fn: Callable, cfg: Config, loop_config: dict, datasets: di
 
         loop_config = {**loop_config, "local_checkpoints": LocalCheckpoints(
             str((run.scratch / "local_checkpoints").resolve()),
-            run.path("local_checkpoints") if is_uri(run.location) else None)}
+            run.path("local_checkpoints") if is_uri(run.location) else None, res.keep_checkpoints)}
     trainer = TorchTrainer(train_fn, train_loop_config=loop_config, scaling_config=scaling,
                            run_config=run_config, datasets=datasets,
                            dataset_config=DataConfig(datasets_to_split=["train"]))

@@ -159,6 +159,17 @@ def write_bytes(location: str, data: bytes) -> str:
     return location
 
 
+def remove_dir(location: str) -> None:
+    """Delete a folder and everything under it (nothing to do when it is absent)."""
+    fs, path = filesystem(location)
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StorageError(_explain(location, exc)) from exc
+
+
 def read_text(location: str) -> str:
     return read_bytes(location).decode()
 

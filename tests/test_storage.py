@@ -32,6 +32,25 @@ def test_files_and_folders_round_trip_through_s3(s3_server, tmp_path):
     assert local.scratch == tmp_path / "loc" and local.publish() == str(tmp_path / "loc")   # same place: no copy
 
 
+def test_local_mode_checkpoints_follow_the_run_to_the_bucket_and_keep_the_newest(s3_server, tmp_path):
+    from raypipe.checkpoints import STATE_FILE, LocalCheckpoints, load_state_file
+
+    location = f"{s3_server}/local_ckpt"
+    node = LocalCheckpoints(str(tmp_path / "node1"), location, keep=2)
+    for epoch in range(4):
+        node.save({"epoch": epoch}, epoch)
+    kept = ["checkpoint_epoch_0002", "checkpoint_epoch_0003"]
+    assert sorted(p.name for p in (tmp_path / "node1").iterdir()) == kept
+    assert storage.list_dir(location) == [(name, True) for name in kept]
+    # a fresh node: nothing local, the newest complete checkpoint comes from the bucket
+    fresh = LocalCheckpoints(str(tmp_path / "node2"), location, keep=2)
+    assert load_state_file(fresh.newest() / STATE_FILE) == {"epoch": 3}
+    # a folder without its state file (an upload that never finished) is passed over
+    storage.write_text(f"{location}/checkpoint_epoch_0004/other.txt", "")
+    assert load_state_file(LocalCheckpoints(str(tmp_path / "node3"), location).newest() / STATE_FILE) == {"epoch": 3}
+    assert LocalCheckpoints(str(tmp_path / "node4"), f"{s3_server}/none").newest() is None
+
+
 def test_bad_uris_name_the_uri(s3_server):
     with pytest.raises(storage.StorageError, match="cannot write to s3://no-such-bucket-raypipe/x: .*does the bucket exist"):
         storage.check_writable("s3://no-such-bucket-raypipe/x")
