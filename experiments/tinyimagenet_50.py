@@ -5,9 +5,11 @@ ImageNet section of docs/results.md.
     python experiments/tinyimagenet_50.py --table-only   # rewrite the table from runs/tinyimagenet_50 only
     python experiments/tinyimagenet_50.py --only probe_random pretrain_teacher   # some steps
 
-The phase ablation (supervised; phase 1 + linear probe; phase 1 + fine-tune; phase 1 + phase 2),
-2 seeds for supervised and phase 1 + phase 2, the teacher's gain over random weights (k-NN and
-linear probe), and the supervised baseline given the CPU time of phase 1 + phase 2. Steps, step
+Pilots first (10-epoch phase-1 runs, one change each, compared by their k-NN val curve: what keeps
+the teacher from learning), then the phase ablation (supervised; phase 1 + linear probe; phase 1 +
+fine-tune; phase 1 + phase 2), 2 seeds for supervised and phase 1 + phase 2, the teacher's gain
+over random weights (k-NN and linear probe), and the supervised baseline given the CPU time of
+phase 1 + phase 2. Steps, step
 records (resume: a finished step is not run again), logs and the table's helpers are those of
 experiments/cifar10_50.py, in its own instance pointed at runs/tinyimagenet_50 and
 experiments/configs/tinyimagenet_50. Every model trains on `train`; choices are made on `val`;
@@ -44,6 +46,11 @@ RECIPES = {"supervised": "supervised.yaml", "finetune": "finetune.yaml", "distil
            "supervised_budget": "supervised_budget.yaml"}  # the CIFAR runner's file names, this folder's files
 ROWS = {"supervised": SEEDS, "finetune": (0,), "distill": SEEDS, "supervised_budget": (0,)}
 TEACHER = "teacher"
+# short phase-1 runs that test, on val, what keeps the teacher from learning: pilot -> overrides of base.yaml
+PILOTS = {"pilot_e10": ["teacher.epochs=10"],
+          "pilot_e10_m0": ["teacher.epochs=10", "teacher.margin=0"],
+          "pilot_e10_lr0.03": ["teacher.epochs=10", "teacher.lr=0.03"],
+          "pilot_e10_stride1": ["teacher.epochs=10", "teacher.stem_stride=1"]}
 
 
 def probe_file(name: str) -> Path:
@@ -59,6 +66,8 @@ def steps(data: str) -> list:
                 steps_lib.teacher_file(TEACHER)),
            Step(f"probe_{TEACHER}", ["linear-probe", data, "--teacher", str(steps_lib.teacher_file(TEACHER)),
                                      "--out", str(probe_file(TEACHER)), *probe], probe_file(TEACHER))]
+    out += [Step(f"pretrain_{pilot}", ["pretrain", data, *overrides, "--config", base, "--name", f"teacher_{pilot}"],
+                 steps_lib.teacher_file(pilot)) for pilot, overrides in PILOTS.items()]
     for seed in range(max(SEEDS) + 1):
         for recipe, seeds in ROWS.items():
             if seed not in seeds:
@@ -112,6 +121,11 @@ def table(all_steps: list) -> str:
            f"| gain over random weights | {fmt(gain('val_knn_top1'), '+.2f')} | {fmt(gain('test_knn_top1'), '+.2f')} | "
            f"{fmt(gain('val_top1'), '+.2f')} | {fmt(gain('test_top1'), '+.2f')} |", "",
            f"Teacher k-NN val by epoch (the pilot): {lib.knn_curve(TEACHER)}", "",
+           "Pilots: 10 epochs of phase 1 (cosine over the 10), one change each; k-NN val by epoch "
+           "(k = 200, t = 0.1, bank = train).", "",
+           "| pilot | overrides of base.yaml | k-NN val by epoch | min |", "|---|---|---|---|",
+           *(f"| `{pilot}` | {' '.join(overrides)} | {lib.knn_curve(pilot)} | "
+             f"{fmt(lib.wall_min(f'pretrain_{pilot}'), '.1f')} |" for pilot, overrides in PILOTS.items()), "",
            "Every command, in the order run:", "", "```", *lib.commands_block(all_steps), "```", "", END]
     return "\n".join(out)
 

@@ -174,6 +174,8 @@ def test_tinyimagenet_runner_steps_and_table(tmp_path, monkeypatch):
     steps = tiny.steps("DATA")
     names = [s.name for s in steps]
     assert names[:3] == ["probe_random", "pretrain_teacher", "probe_teacher"] and len(names) == len(set(names))
+    pilots = [f"pretrain_{pilot}" for pilot in tiny.PILOTS]
+    assert names[3:3 + len(pilots)] == pilots                        # the pilots run before any student
     assert {"supervised_s0", "supervised_s1", "distill_s0", "distill_s1", "finetune_s0",
             "supervised_budget_s0"} <= set(names) and "finetune_s1" not in names
     for step in steps:
@@ -182,6 +184,8 @@ def test_tinyimagenet_runner_steps_and_table(tmp_path, monkeypatch):
         if step.argv[0] == "distill":
             assert ("--teacher" in step.argv) == (cfg.student.mode != "supervised")
             assert arch_of(cfg.student) == arch_of(cfg.teacher)
+        if step.name in pilots:
+            assert cfg.teacher.epochs == 10 and step.argv[-2:] == ["--name", step.name.replace("pretrain_", "teacher_")]
     assert lib.record_path(steps[0]).parent == tmp_path / "runs" / "steps"  # not the CIFAR runner's folder
     for seed, (sup, dis) in enumerate([(20.0, 30.0), (22.0, 34.0)]):
         for recipe, test in (("supervised", sup), ("distill", dis)):
@@ -191,7 +195,11 @@ def test_tinyimagenet_runner_steps_and_table(tmp_path, monkeypatch):
     put(lib.RUNS / "supervised_budget_s0" / "metrics.json", {"val_top1": 24.0})
     put(tiny.probe_file("random"), {"val_knn_top1": 5.0, "test_knn_top1": 4.0, "val_top1": 6.0, "test_top1": 5.5})
     put(tiny.probe_file("teacher"), {"val_knn_top1": 12.5, "test_knn_top1": 11.0, "val_top1": 15.0, "test_top1": 14.0})
+    (lib.RUNS / "teacher_pilot_e10_m0").mkdir(parents=True)
+    (lib.RUNS / "teacher_pilot_e10_m0" / "metrics.csv").write_text("epoch,knn_top1\n0,\n4,3.0\n9,4.5\n")
     doc = tiny.table(steps)
+    assert "| `pilot_e10_m0` | teacher.epochs=10 teacher.margin=0 | 5:3.0 10:4.5 |" in doc
+    assert "| `pilot_e10` | teacher.epochs=10 | - |" in doc                  # not run yet
     assert "minus supervised (test, seed means): **+11.00 points**" in doc     # 32 - 21
     assert "minus the budget-matched supervised run: **+7.00 points**" in doc  # 32 - 25
     assert "| gain over random weights | +7.50 | +7.00 | +9.00 | +8.50 |" in doc
