@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import storage
 from .checkpoints import LocalCheckpoints, best_weights, final_state
 from .cluster import check_cluster_can_fit, preflight, resolve_use_gpu
 from .config import Config, verbose
@@ -41,7 +42,7 @@ def run_phase(cfg: Config, phase: Phase, index: dict, run_dir: Path | None = Non
     ``outputs``: where the run's files are published (folder or URI; default run_dir, or
     output_dir/name when output_dir is a URI); ``publish_model=False`` keeps the model file local
     (a Tune trial: its stage exports what it keeps)."""
-    from . import plugins, storage
+    from . import plugins
     from .augment import on_device
     from .data import decode_split
 
@@ -89,25 +90,23 @@ def run_trainer(train_fn: Callable, cfg: Config, loop_config: dict, datasets: di
                             resources_per_worker=per_worker if res.num_workers else None,
                             placement_strategy=res.placement_strategy)
     if storage_path:                  # given by the caller (a Tune trial's own folder)
-        storage = storage_path
+        train_storage = storage_path
     elif res.storage_path:            # shared / remote storage from the config
-        storage = f"{res.storage_path.rstrip('/')}/{cfg.name}"
+        train_storage = f"{res.storage_path.rstrip('/')}/{cfg.name}"
     else:                             # the run's own location (its folder, or its URI)
-        storage = run.location
+        train_storage = run.location
     from ray.train import LoggingConfig
 
     run_config = RunConfig(
-        name="train", storage_path=storage, callbacks=callbacks or [],
+        name="train", storage_path=train_storage, callbacks=callbacks or [],
         # quiet: an early-stopped trial makes Train log an expected shutdown traceback as a warning
         logging_config=LoggingConfig(log_level="INFO" if verbose() else "ERROR"),
         checkpoint_config=CheckpointConfig(num_to_keep=res.keep_checkpoints),
         failure_config=FailureConfig(max_failures=res.max_failures))
     if res.num_workers == 0:   # Train's local mode keeps no checkpoints: the loop keeps them, in the run's outputs
-        from .storage import is_uri
-
         loop_config = {**loop_config, "local_checkpoints": LocalCheckpoints(
             str((run.scratch / "local_checkpoints").resolve()),
-            run.path("local_checkpoints") if is_uri(run.location) else None, res.keep_checkpoints)}
+            run.path("local_checkpoints") if storage.is_uri(run.location) else None, res.keep_checkpoints)}
     trainer = TorchTrainer(train_fn, train_loop_config=loop_config, scaling_config=scaling,
                            run_config=run_config, datasets=datasets,
                            dataset_config=DataConfig(datasets_to_split=["train"]))
@@ -135,8 +134,6 @@ def write_run_outputs(run, final: dict) -> None:
 def prepare_run(cfg: Config, run_dir: Path | None = None, outputs: str | None = None):
     """The run's ``storage.Outputs``: files are made in ``run_dir`` (default output_dir/name) and
     published to ``outputs`` (a local folder or URI; default: run_dir itself); config.yaml first."""
-    from . import storage
-
     if run_dir is None and storage.is_uri(cfg.output_dir):   # made here, kept in the bucket
         run_dir, outputs = Path(tempfile.mkdtemp(prefix="raypipe-run-")), outputs or storage.join(cfg.output_dir, cfg.name)
     run_dir = Path(run_dir) if run_dir else Path(cfg.output_dir) / cfg.name
