@@ -1,13 +1,16 @@
 """The paper's ablation on CIFAR-10 with 50 labelled images per class -> docs/results.md.
 
     python experiments/cifar10_50.py                # run every row not yet done, then write the table
-    python experiments/cifar10_50.py --table-only   # rewrite the table from runs/cifar10_50 only
+    python experiments/cifar10_50.py --table-only   # rewrite the table from the kept records only
     python experiments/cifar10_50.py --only pretrain_m0.4_k128 supervised_s0   # some steps
 
 Every step is one `raypipe` command (pretrain, distill, linear-probe, evaluate) with a config
 from experiments/configs/cifar10_50/. Its log goes to runs/cifar10_50/logs/STEP.log and a record
-(command, exit code, wall time, machine) to runs/cifar10_50/steps/STEP.json; a step with a
-successful record is not run again, so an interrupted reproduction resumes. Protocol: every
+(command, exit code, wall time, machine) to steps/STEP.json; a step with a successful record is
+not run again, so an interrupted reproduction resumes. Models stay in runs/ (not committed); the
+step records and the small files the table reads (metrics, probes, eval reports, configs) are
+kept in experiments/records/cifar10_50/, which is committed: the table and the resume outlive the
+machine. A finished step whose model is gone runs again only if a step still to run needs it. Protocol: every
 model trains on `train` (50/class); choices (which tricks are kept) are made on `val`;
 `test` (10,000 images) gives the reported numbers only.
 """
@@ -18,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,6 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = "experiments/configs/cifar10_50"
 RUNS = Path("runs/cifar10_50")
+RECORDS = Path("experiments/records/cifar10_50")  # committed copies of the small files of RUNS
+KEPT = ("steps/*.json", "*/metrics.json", "*/metrics.csv", "*/probe.json", "*/config.yaml", "eval/*/report.json")
 RESULTS = Path("docs/results.md")
 SEEDS = (0, 1, 2)
 # teacher name -> config: the phase-2 teacher (m = 0.4, K = 128, 100 epochs), then the margin
@@ -184,10 +190,28 @@ def record_path(step: Step) -> Path:
     return RUNS / "steps" / f"{step.name}.json"
 
 
-def is_done(step: Step) -> bool:
+def succeeded(step: Step) -> bool:
     """Succeeded with this very command (a changed command, e.g. after a new val decision, reruns)."""
     rec = load(record_path(step))
-    return bool(rec) and rec["rc"] == 0 and rec["argv"] == ["raypipe", *step.argv] and step.output.exists()
+    return bool(rec) and rec["rc"] == 0 and rec["argv"] == ["raypipe", *step.argv]
+
+
+def is_done(step: Step, later: list[Step] = ()) -> bool:
+    """Succeeded, and its output is here (kept, or a model in RUNS) or no step still to run needs it."""
+    if not succeeded(step):
+        return False
+    if step.output.exists() or kept(step.output).exists():
+        return True
+    return not any(str(step.output) in s.argv and not succeeded(s) for s in later)
+
+
+def keep_records() -> None:
+    """Copy the small files of RUNS (KEPT) to RECORDS."""
+    for pattern in KEPT:
+        for path in RUNS.glob(pattern):
+            target = kept(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
 
 
 def run_step(step: Step) -> None:
@@ -203,19 +227,27 @@ def run_step(step: Step) -> None:
     rec = {"name": step.name, "argv": ["raypipe", *step.argv], "rc": rc, "wall_s": round(time.time() - t0, 1),
            "started": started, "machine": machine()}
     record_path(step).write_text(json.dumps(rec, indent=2))
+    keep_records()
     if rc != 0:
         raise SystemExit(f"[{step.name}] failed with exit code {rc}; see {log}")
     print(f"[{step.name}] done in {rec['wall_s'] / 60:.1f} min", flush=True)
 
 
 def run_all(steps: list[Step], only: set[str] | None) -> None:
-    for step in steps:
-        if (only is None or step.name in only) and not is_done(step):
+    for i, step in enumerate(steps):
+        if (only is None or step.name in only) and not is_done(step, steps[i + 1:]):
             run_step(step)
 
 
-# ---- reading the run folders --------------------------------------------------------------------
+# ---- reading the records --------------------------------------------------------------------------
+def kept(path: Path) -> Path:
+    """The committed copy of a file of RUNS."""
+    return RECORDS / Path(path).relative_to(RUNS)
+
+
 def load(path: Path) -> dict | None:
+    """A JSON file of RUNS, read from its kept copy."""
+    path = kept(path)
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -228,7 +260,7 @@ def knn_curve(teacher: str) -> str:
     """The k-NN monitor of ``teacher_<teacher>`` by epoch: ``10:25.2 20:25.0 ...`` (or -)."""
     import pandas as pd
 
-    path = RUNS / f"teacher_{teacher}" / "metrics.csv"
+    path = kept(RUNS / f"teacher_{teacher}" / "metrics.csv")
     if not path.is_file():
         return "-"
     df = pd.read_csv(path).dropna(subset=["knn_top1"])
@@ -241,7 +273,7 @@ def eval_top1(name: str) -> float | None:
 
 
 def test_sizes() -> str:
-    sizes = sorted({load(r)["n_images"] for r in (RUNS / "eval").glob("*_test/report.json")})
+    sizes = sorted({json.loads(r.read_text())["n_images"] for r in (RECORDS / "eval").glob("*_test/report.json")})
     return ", ".join(f"{n:,}" for n in sizes)
 
 
@@ -463,6 +495,11 @@ def table(steps: list[Step]) -> str:
     return "\n".join(out)
 
 
+def commands(block: str) -> set[str]:
+    """The `raypipe ...` command lines of a generated block (without their ``   # ...`` notes)."""
+    return {line.split("   #")[0].strip() for line in block.splitlines() if line.startswith("raypipe ")}
+
+
 def write_block(path: Path, block: str, begin: str = BEGIN, end: str = END, title: str = "Results") -> None:
     """Replace the generated block (``begin`` ... ``end``, markers included in ``block``) of ``path``;
     the hand-written text around it stays."""
@@ -470,7 +507,13 @@ def write_block(path: Path, block: str, begin: str = BEGIN, end: str = END, titl
     if begin not in doc or end not in doc:
         raise SystemExit(f"{path} lost its {begin!r} / {end!r} markers; restore them to regenerate")
     head, rest = doc.split(begin, 1)
-    path.write_text(head + block + rest.split(end, 1)[1])
+    old, tail = rest.split(end, 1)
+    dropped = commands(old) - commands(block)
+    if dropped:
+        raise SystemExit(f"not rewriting {path}: the new block would drop {len(dropped)} recorded command(s), e.g. "
+                         f"{sorted(dropped)[0]!r}, whose records are missing from {RECORDS}; restore them (git) or "
+                         "move the old block out of the markers by hand")
+    path.write_text(head + block + tail)
     print(f"wrote {path}", flush=True)
 
 
@@ -483,7 +526,7 @@ def runner_args(argv: list[str] | None, description: str, doc: Path, only_help: 
     """The command line every runner of this folder shares; checks the data, moves to the repo."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=data_default, help=f"the {Path(data_default).name} folder")
-    p.add_argument("--table-only", action="store_true", help=f"only rewrite {doc} from the run folders")
+    p.add_argument("--table-only", action="store_true", help=f"only rewrite {doc} from the kept records")
     p.add_argument("--only", nargs="+", help=only_help)
     args = p.parse_args(argv)
     os.chdir(REPO)

@@ -1,14 +1,14 @@
 """What makes a 500-image MoCo teacher learn (CIFAR-10, 50 images per class) -> docs/teacher_study.md.
 
     python experiments/teacher_study.py                # run every arm not yet done, then write the table
-    python experiments/teacher_study.py --table-only   # rewrite the table from runs/cifar10_50 only
+    python experiments/teacher_study.py --table-only   # rewrite the table from the kept records only
     python experiments/teacher_study.py --only study_e400   # some arms
 
 Each arm is the phase-1 recipe of experiments/configs/cifar10_50/base.yaml with a few overrides,
 trained on `train`, then probed with `raypipe linear-probe` (weighted k-NN, and MoCo's linear
 probe with its lr chosen on val); `random` probes the same backbone with random weights, the
-baseline every teacher's gain is measured against. Steps, logs and run folders share
-runs/cifar10_50 with experiments/cifar10_50.py (same step records: a finished arm is not rerun).
+baseline every teacher's gain is measured against. Steps, logs, run folders and kept records
+(experiments/records/cifar10_50) are shared with experiments/cifar10_50.py: a finished arm is not rerun.
 """
 from __future__ import annotations
 
@@ -79,7 +79,8 @@ def table() -> str:
         "SGD momentum 0.9, no weight decay, 100 epochs, x0.1 at 60 and 80), lr from "
         "0.1 / 1 / 10 / 30 (x10 beyond the edge, twice at most, while the best sits on it) chosen on val. "
         "2 CPU cores.", "",
-        "```", *(f"raypipe {' '.join(s.argv)}" for s in steps("../shared/data/cifar10-50")), "```", "", END])
+        "Every command, in the order run:", "",
+        "```", *repro.commands_block(steps("../shared/data/cifar10-50")), "```", "", END])
 
 
 def write_table() -> None:
@@ -90,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     args = repro.runner_args(argv, __doc__, RESULTS, "run just these arms (e.g. study_e400)")
     if not args.table_only:
         only = {f"{kind}_{arm}" for arm in args.only for kind in ("pretrain", "probe")} if args.only else None
-        for step in steps(args.data):
-            if (only is None or step.name in only) and not repro.is_done(step):
+        all_steps = steps(args.data)
+        for i, step in enumerate(all_steps):
+            if (only is None or step.name in only) and not repro.is_done(step, all_steps[i + 1:]):
                 repro.run_step(step)
-                write_table()
     write_table()
     return 0
 

@@ -2,7 +2,7 @@
 ImageNet section of docs/results.md.
 
     python experiments/tinyimagenet_50.py                # run every step not yet done, then write the table
-    python experiments/tinyimagenet_50.py --table-only   # rewrite the table from runs/tinyimagenet_50 only
+    python experiments/tinyimagenet_50.py --table-only   # rewrite the table from the kept records only
     python experiments/tinyimagenet_50.py --only probe_random pretrain_teacher   # some steps
 
 Pilots first (10-epoch phase-1 runs, one change each, compared by their k-NN val curve: what keeps
@@ -10,9 +10,9 @@ the teacher from learning), then the phase ablation (supervised; phase 1 + linea
 fine-tune; phase 1 + phase 2), 2 seeds for supervised and phase 1 + phase 2, the teacher's gain
 over random weights (k-NN and linear probe), and the supervised baseline given the CPU time of
 phase 1 + phase 2. Steps, step
-records (resume: a finished step is not run again), logs and the table's helpers are those of
-experiments/cifar10_50.py, in its own instance pointed at runs/tinyimagenet_50 and
-experiments/configs/tinyimagenet_50. Every model trains on `train`; choices are made on `val`;
+records (resume: a finished step is not run again; kept, committed, in experiments/records/tinyimagenet_50),
+logs and the table's helpers are those of experiments/cifar10_50.py, in its own instance pointed at
+runs/tinyimagenet_50 and experiments/configs/tinyimagenet_50. Every model trains on `train`; choices are made on `val`;
 `test` (the official labelled hold-out, 10,000 images) gives the reported numbers only.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = Path("runs/tinyimagenet_50")
+RECORDS = Path("experiments/records/tinyimagenet_50")  # committed: see experiments/cifar10_50.py
 CONFIGS = "experiments/configs/tinyimagenet_50"
 RESULTS = Path("docs/results.md")
 DATA = "../shared/data/tinyimagenet-50"
@@ -36,7 +37,7 @@ def _steps_machinery():
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
-    module.RUNS, module.CONFIGS = RUNS, CONFIGS
+    module.RUNS, module.RECORDS, module.CONFIGS = RUNS, RECORDS, CONFIGS
     return module
 
 
@@ -50,7 +51,7 @@ TEACHER = "teacher"
 PILOTS = {"pilot_e10": ["teacher.epochs=10"],
           "pilot_e10_m0": ["teacher.epochs=10", "teacher.margin=0"],
           "pilot_e10_lr0.03": ["teacher.epochs=10", "teacher.lr=0.03"],
-          "pilot_e10_stride1": ["teacher.epochs=10", "teacher.stem_stride=1"]}
+          "pilot_e10_64px": ["teacher.epochs=10", "data.resolution=64", "data.decode_size=0"]}  # native size
 
 
 def probe_file(name: str) -> Path:

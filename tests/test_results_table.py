@@ -20,6 +20,7 @@ def repro(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "cifar10_50", mod)  # dataclasses look their module up
     spec.loader.exec_module(mod)
     monkeypatch.setattr(mod, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(mod, "RECORDS", tmp_path / "records")
     monkeypatch.setattr(mod, "RESULTS", tmp_path / "results.md")
     monkeypatch.chdir(REPO)  # config paths in the steps are relative to the repository
     return mod
@@ -31,11 +32,11 @@ def put(path: Path, payload: dict) -> None:
 
 
 def fake_student(mod, run: str, val: float, test: float, wall: float = 60.0) -> None:
-    put(mod.RUNS / run / "metrics.json", {"val_top1": val})
-    put(mod.RUNS / "eval" / f"{run}_test" / "report.json", {"top1": test, "views": "centre crop",
+    put(mod.RECORDS / run / "metrics.json", {"val_top1": val})
+    put(mod.RECORDS / "eval" / f"{run}_test" / "report.json", {"top1": test, "views": "centre crop",
                                                                      "n_images": 10000})
     for step in (run, f"eval_{run}_test"):
-        put(mod.RUNS / "steps" / f"{step}.json", {"name": step, "argv": ["raypipe", step], "rc": 0,
+        put(mod.RECORDS / "steps" / f"{step}.json", {"name": step, "argv": ["raypipe", step], "rc": 0,
                                                   "wall_s": wall, "machine": "test box"})
 
 
@@ -46,7 +47,7 @@ def test_every_step_is_a_valid_command_with_a_valid_config(repro):
     fake_student(repro, "tricks_s0", 40.0, 41.0)           # tricks lose on val
     names = [s.name for s in repro.known_steps("DATA")]
     assert names[-1] == "eval_distill_l1e-4_s0_10crop_test"  # the ensemble waits for the 10-crop decision
-    put(repro.RUNS / "eval" / "distill_l1e-4_s0_10crop_val" / "report.json", {"top1": 45.0})  # 10-crop helps
+    put(repro.RECORDS / "eval" / "distill_l1e-4_s0_10crop_val" / "report.json", {"top1": 45.0})  # 10-crop helps
     steps = repro.known_steps("DATA")
     names = [s.name for s in steps]
     assert len(names) == len(set(names))
@@ -77,9 +78,9 @@ def test_every_step_is_a_valid_command_with_a_valid_config(repro):
     # a step counts as done only for the command it was run with
     repro.RUNS.joinpath("eval", "ensemble_test").mkdir(parents=True)
     repro.RUNS.joinpath("eval", "ensemble_test", "report.json").write_text("{}")
-    put(repro.record_path(ensemble), {"rc": 0, "argv": ["raypipe", *ensemble.argv]})
+    put(repro.kept(repro.record_path(ensemble)), {"rc": 0, "argv": ["raypipe", *ensemble.argv]})
     assert repro.is_done(ensemble)
-    put(repro.record_path(ensemble), {"rc": 0, "argv": ["raypipe", *ensemble.argv[:-1]]})
+    put(repro.kept(repro.record_path(ensemble)), {"rc": 0, "argv": ["raypipe", *ensemble.argv[:-1]]})
     assert not repro.is_done(ensemble)
 
 
@@ -91,9 +92,9 @@ def test_table_statistics_and_val_decisions(repro):
         fake_student(repro, f"distill_s{seed}", val, test)
     fake_student(repro, "distill_l1e-4_s0", 39.0, 50.0)  # loses on val: its test number must not matter
     fake_student(repro, "tricks_s0", 45.0, 46.0)  # beats distill_s0 on val: kept
-    put(repro.RUNS / "eval" / "tricks_s0_10crop_val" / "report.json", {"top1": 44.5})  # worse on val
-    put(repro.RUNS / "eval" / "ensemble_val" / "report.json", {"top1": 47.0, "views": "centre crop"})
-    put(repro.RUNS / "eval" / "ensemble_test" / "report.json", {"top1": 49.0, "n_images": 9999})
+    put(repro.RECORDS / "eval" / "tricks_s0_10crop_val" / "report.json", {"top1": 44.5})  # worse on val
+    put(repro.RECORDS / "eval" / "ensemble_val" / "report.json", {"top1": 47.0, "views": "centre crop"})
+    put(repro.RECORDS / "eval" / "ensemble_test" / "report.json", {"top1": 49.0, "n_images": 9999})
     assert repro.chosen_distill() == "distill"
     assert repro.chain_recipe() == "tricks" and not repro.ten_crop_helps("tricks")
     steps = repro.known_steps("DATA")
@@ -149,9 +150,9 @@ def test_teacher_study_steps_are_valid_commands_and_its_table_reads_the_probes(r
     expected = {f"teacher_{arm}": next((int(o.split("=")[1]) for o in overrides if o.startswith("teacher.epochs=")), 100)
                 for arm, overrides in study.ARMS.items()}   # base.yaml's 100 unless an arm overrides it
     assert epochs == expected and expected["teacher_study_e400"] == 400
-    put(study.probe_file(study.RANDOM), {"val_knn_top1": 21.0, "test_knn_top1": 20.0, "val_top1": 20.0,
+    put(repro.kept(study.probe_file(study.RANDOM)), {"val_knn_top1": 21.0, "test_knn_top1": 20.0, "val_top1": 20.0,
                                          "test_top1": 19.0, "probe_lr": 1.0})
-    put(study.probe_file("study_e400"), {"val_knn_top1": 40.5, "test_knn_top1": 39.0, "val_top1": 41.0,
+    put(repro.kept(study.probe_file("study_e400")), {"val_knn_top1": 40.5, "test_knn_top1": 39.0, "val_top1": 41.0,
                                          "test_top1": 40.0, "probe_lr": 10.0})
     study.write_table()
     row = [line for line in repro.RESULTS.read_text().splitlines() if line.startswith("| `study_e400`")][0]
@@ -169,8 +170,9 @@ def test_tinyimagenet_runner_steps_and_table(tmp_path, monkeypatch):
     tiny = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tiny)
     lib = tiny.steps_lib
-    monkeypatch.setattr(lib, "RUNS", tmp_path / "runs")
-    monkeypatch.setattr(tiny, "RUNS", tmp_path / "runs")
+    for module in (lib, tiny):
+        monkeypatch.setattr(module, "RUNS", tmp_path / "runs")
+        monkeypatch.setattr(module, "RECORDS", tmp_path / "records")
     steps = tiny.steps("DATA")
     names = [s.name for s in steps]
     assert names[:3] == ["probe_random", "pretrain_teacher", "probe_teacher"] and len(names) == len(set(names))
@@ -189,14 +191,16 @@ def test_tinyimagenet_runner_steps_and_table(tmp_path, monkeypatch):
     assert lib.record_path(steps[0]).parent == tmp_path / "runs" / "steps"  # not the CIFAR runner's folder
     for seed, (sup, dis) in enumerate([(20.0, 30.0), (22.0, 34.0)]):
         for recipe, test in (("supervised", sup), ("distill", dis)):
-            put(lib.RUNS / f"{recipe}_s{seed}" / "metrics.json", {"val_top1": test - 1})
-            put(lib.RUNS / "eval" / f"{recipe}_s{seed}_test" / "report.json", {"top1": test})
-    put(lib.RUNS / "eval" / "supervised_budget_s0_test" / "report.json", {"top1": 25.0})
-    put(lib.RUNS / "supervised_budget_s0" / "metrics.json", {"val_top1": 24.0})
-    put(tiny.probe_file("random"), {"val_knn_top1": 5.0, "test_knn_top1": 4.0, "val_top1": 6.0, "test_top1": 5.5})
-    put(tiny.probe_file("teacher"), {"val_knn_top1": 12.5, "test_knn_top1": 11.0, "val_top1": 15.0, "test_top1": 14.0})
-    (lib.RUNS / "teacher_pilot_e10_m0").mkdir(parents=True)
-    (lib.RUNS / "teacher_pilot_e10_m0" / "metrics.csv").write_text("epoch,knn_top1\n0,\n4,3.0\n9,4.5\n")
+            put(lib.RECORDS / f"{recipe}_s{seed}" / "metrics.json", {"val_top1": test - 1})
+            put(lib.RECORDS / "eval" / f"{recipe}_s{seed}_test" / "report.json", {"top1": test})
+    put(lib.RECORDS / "eval" / "supervised_budget_s0_test" / "report.json", {"top1": 25.0})
+    put(lib.RECORDS / "supervised_budget_s0" / "metrics.json", {"val_top1": 24.0})
+    put(lib.kept(tiny.probe_file("random")), {"val_knn_top1": 5.0, "test_knn_top1": 4.0, "val_top1": 6.0,
+                                              "test_top1": 5.5})
+    put(lib.kept(tiny.probe_file("teacher")), {"val_knn_top1": 12.5, "test_knn_top1": 11.0, "val_top1": 15.0,
+                                               "test_top1": 14.0})
+    (lib.RECORDS / "teacher_pilot_e10_m0").mkdir(parents=True)
+    (lib.RECORDS / "teacher_pilot_e10_m0" / "metrics.csv").write_text("epoch,knn_top1\n0,\n4,3.0\n9,4.5\n")
     doc = tiny.table(steps)
     assert "| `pilot_e10_m0` | teacher.epochs=10 teacher.margin=0 | 5:3.0 10:4.5 |" in doc
     assert "| `pilot_e10` | teacher.epochs=10 | - |" in doc                  # not run yet
@@ -204,3 +208,44 @@ def test_tinyimagenet_runner_steps_and_table(tmp_path, monkeypatch):
     assert "minus the budget-matched supervised run: **+7.00 points**" in doc  # 32 - 25
     assert "| gain over random weights | +7.50 | +7.00 | +9.00 | +8.50 |" in doc
     assert "**21.00 ± 1.41** (20.00, 22.00)" in doc
+
+
+def test_records_outlive_the_run_folder_and_finished_steps_rerun_only_when_needed(repro, tmp_path):
+    """The tables and the resume read the committed records, not runs/ (which a new machine lacks)."""
+    import shutil
+    demo = repro.RUNS / "demo"
+    step = repro.Step("demo", ["demo-data", str(demo), "--train", "1", "--val", "1", "--test", "1", "--size", "8"],
+                      demo / "train")
+    (repro.RUNS / "teacher_t" / "local_checkpoints").mkdir(parents=True)
+    (repro.RUNS / "teacher_t" / "teacher.pt").write_bytes(b"model")
+    (repro.RUNS / "teacher_t" / "local_checkpoints" / "state.pt").write_bytes(b"state")
+    (repro.RUNS / "teacher_t" / "metrics.csv").write_text("epoch,knn_top1\n4,30.0\n9,33.5\n")
+    put(repro.RUNS / "teacher_t" / "probe.json", {"val_top1": 40.0})
+    repro.run_step(step)   # a real raypipe command; its record and the small files of runs/ are kept
+    kept = {p.relative_to(repro.RECORDS).as_posix() for p in repro.RECORDS.rglob("*") if p.is_file()}
+    assert kept == {"steps/demo.json", "teacher_t/metrics.csv", "teacher_t/probe.json"}
+    shutil.rmtree(repro.RUNS)  # a new machine: no models, no run folders
+    assert repro.succeeded(step) and repro.load(repro.RUNS / "teacher_t" / "probe.json") == {"val_top1": 40.0}
+    assert repro.knn_curve("t") == "5:30.0 10:33.5"
+    assert "raypipe demo-data" in "\n".join(repro.commands_block([step]))
+
+    teacher = repro.Step("pretrain_t", ["pretrain", "D", "--name", "teacher_t"], repro.teacher_file("t"))
+    student = repro.Step("s_s0", ["distill", "D", "--teacher", str(repro.teacher_file("t"))], repro.student_file("s_s0"))
+    evaluate = repro.evaluate("D", "s_s0_test", ["s_s0"], "test")
+    later = repro.Step("s_s1", ["distill", "D", "--teacher", str(repro.teacher_file("t"))], repro.student_file("s_s1"))
+    for done in (teacher, student, evaluate):
+        put(repro.kept(repro.record_path(done)), {"rc": 0, "argv": ["raypipe", *done.argv]})
+    put(repro.kept(evaluate.output), {"top1": 50.0})
+    assert repro.is_done(evaluate) and repro.is_done(student, [evaluate])   # its only user has run
+    assert repro.is_done(teacher, [student, evaluate])
+    assert not repro.is_done(teacher, [student, evaluate, later])   # a student still to train needs it
+
+
+def test_table_is_not_rewritten_when_records_are_missing(repro):
+    old = "raypipe pretrain D --name teacher_t"
+    repro.RESULTS.write_text(f"# R\n\n{repro.BEGIN}\n```\n{old}\n```\n{repro.END}\ntail\n")
+    with pytest.raises(SystemExit, match="drop 1 recorded command"):
+        repro.write_block(repro.RESULTS, f"{repro.BEGIN}\nnothing recorded\n{repro.END}")
+    assert old in repro.RESULTS.read_text()
+    repro.write_block(repro.RESULTS, f"{repro.BEGIN}\n```\n{old}   # pretrain_t: 3.0 min, exit 0\n```\n{repro.END}")
+    assert repro.RESULTS.read_text().endswith("exit 0\n```\n<!-- results:end -->\ntail\n")

@@ -20,16 +20,16 @@ from raypipe import storage
 REPO = Path(__file__).resolve().parents[1]
 
 
-def wait_for_finished_trial(stage: str, proc: subprocess.Popen, timeout: float) -> None:
+def wait_for_finished_trial(stage: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
     """Until Tune's experiment state in storage records a finished trial."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert proc.poll() is None, f"driver exited early with {proc.returncode}"
+        assert proc.poll() is None, f"driver exited early with {proc.returncode}:\n{log.read_text()[-3000:]}"
         for name, _ in storage.list_dir(stage):
             if name.startswith("experiment_state-") and "TERMINATED" in storage.read_text(f"{stage}/{name}"):
                 return
         time.sleep(2)
-    raise TimeoutError(f"no finished trial in {stage} after {timeout} s")
+    raise TimeoutError(f"no finished trial in {stage} after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 def trial_iterations(stage: str) -> dict[str, list[int]]:
@@ -77,10 +77,14 @@ def test_smoke_main_job_on_s3_killed_and_resumed_from_empty_disk_then_results(ra
                              start_new_session=True)
     exp = f"{storage_uri}/smoke"
     try:
-        wait_for_finished_trial(f"{exp}/stage1_teacher", first, timeout=400)
+        wait_for_finished_trial(f"{exp}/stage1_teacher", first, tmp_path / "run1.log", timeout=400)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)   # the driver (and its node) dies mid-search
+        try:
+            os.killpg(first.pid, signal.SIGKILL)   # the driver (and its node) dies mid-search
+        except ProcessLookupError:   # it died by itself: its error (and log) is the one raised above
+            pass
         first.wait()
+        log1.close()
     before = trial_iterations(f"{exp}/stage1_teacher")
     assert before and not storage.exists(f"{exp}/stage1_teacher.json")
 
