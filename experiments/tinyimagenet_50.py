@@ -47,11 +47,15 @@ RECIPES = {"supervised": "supervised.yaml", "finetune": "finetune.yaml", "distil
            "supervised_budget": "supervised_budget.yaml"}  # the CIFAR runner's file names, this folder's files
 ROWS = {"supervised": SEEDS, "finetune": (0,), "distill": SEEDS, "supervised_budget": (0,)}
 TEACHER = "teacher"
+NATIVE = ["data.resolution=64", "data.decode_size=0"]  # the images' own size (the recipe halves it)
 # short phase-1 runs that test, on val, what keeps the teacher from learning: pilot -> overrides of base.yaml
 PILOTS = {"pilot_e10": ["teacher.epochs=10"],
           "pilot_e10_m0": ["teacher.epochs=10", "teacher.margin=0"],
           "pilot_e10_lr0.03": ["teacher.epochs=10", "teacher.lr=0.03"],
-          "pilot_e10_64px": ["teacher.epochs=10", "data.resolution=64", "data.decode_size=0"]}  # native size
+          "pilot_e10_64px": ["teacher.epochs=10", *NATIVE],
+          "pilot_e10_stride1": ["teacher.epochs=10", "teacher.stem_stride=1"]}
+# pilots probed (k-NN and linear) against random weights at the same data settings: pilot -> data overrides
+PROBED_PILOTS = {"pilot_e10_64px": NATIVE}
 
 
 def probe_file(name: str) -> Path:
@@ -69,6 +73,12 @@ def steps(data: str) -> list:
                                      "--out", str(probe_file(TEACHER)), *probe], probe_file(TEACHER))]
     out += [Step(f"pretrain_{pilot}", ["pretrain", data, *overrides, "--config", base, "--name", f"teacher_{pilot}"],
                  steps_lib.teacher_file(pilot)) for pilot, overrides in PILOTS.items()]
+    for pilot, overrides in PROBED_PILOTS.items():
+        random = f"random_{pilot}"
+        out += [Step(f"probe_{random}", ["linear-probe", data, *overrides, "--random-init", "--out",
+                                         str(probe_file(random)), *probe], probe_file(random)),
+                Step(f"probe_{pilot}", ["linear-probe", data, *overrides, "--teacher", str(steps_lib.teacher_file(pilot)),
+                                        "--out", str(probe_file(pilot)), *probe], probe_file(pilot))]
     for seed in range(max(SEEDS) + 1):
         for recipe, seeds in ROWS.items():
             if seed not in seeds:
@@ -84,13 +94,10 @@ def steps(data: str) -> list:
 def table(all_steps: list) -> str:
     lib, fmt = steps_lib, steps_lib.fmt
     means, rows = {}, []
-    probe, random = lib.load(probe_file(TEACHER)) or {}, lib.load(probe_file("random")) or {}
+    probe = lib.load(probe_file(TEACHER)) or {}
 
     def student_row(label, recipe):
         rows.append(f"{lib.seeds_row(label, recipe, ROWS[recipe], means)} {PAPER[recipe]} |")
-
-    def gain(key):
-        return None if probe.get(key) is None or random.get(key) is None else probe[key] - random[key]
 
     def gap(a, b):
         return None if means.get(a) is None or means.get(b) is None else means[a] - means[b]
@@ -114,21 +121,29 @@ def table(all_steps: list) -> str:
            f"Phase 1 + phase 2 minus supervised (test, seed means): **{fmt(gap('distill', 'supervised'), '+.2f')} "
            f"points** (goal: >= +5); minus the budget-matched supervised run: "
            f"**{fmt(gap('distill', 'supervised_budget'), '+.2f')} points**.", "",
-           "| teacher | k-NN val | k-NN test | linear val | linear test |", "|---|---|---|---|---|",
-           f"| random weights | {fmt(random.get('val_knn_top1'))} | {fmt(random.get('test_knn_top1'))} | "
-           f"{fmt(random.get('val_top1'))} | {fmt(random.get('test_top1'))} |",
-           f"| phase 1 (`base.yaml`) | {fmt(probe.get('val_knn_top1'))} | {fmt(probe.get('test_knn_top1'))} | "
-           f"{fmt(probe.get('val_top1'))} | {fmt(probe.get('test_top1'))} |",
-           f"| gain over random weights | {fmt(gain('val_knn_top1'), '+.2f')} | {fmt(gain('test_knn_top1'), '+.2f')} | "
-           f"{fmt(gain('val_top1'), '+.2f')} | {fmt(gain('test_top1'), '+.2f')} |", "",
+           *probe_rows("random", TEACHER, "phase 1 (`base.yaml`)"), "",
            f"Teacher k-NN val by epoch (the pilot): {lib.knn_curve(TEACHER)}", "",
            "Pilots: 10 epochs of phase 1 (cosine over the 10), one change each; k-NN val by epoch "
            "(k = 200, t = 0.1, bank = train).", "",
            "| pilot | overrides of base.yaml | k-NN val by epoch | min |", "|---|---|---|---|",
            *(f"| `{pilot}` | {' '.join(overrides)} | {lib.knn_curve(pilot)} | "
              f"{fmt(lib.wall_min(f'pretrain_{pilot}'), '.1f')} |" for pilot, overrides in PILOTS.items()), "",
+           *(line for pilot, overrides in PROBED_PILOTS.items() for line in (
+               f"Probes of `{pilot}` and of random weights, both with {' '.join(overrides)}:", "",
+               *probe_rows(f"random_{pilot}", pilot, f"`{pilot}` (10 epochs)"), "")),
            "Every command, in the order run:", "", "```", *lib.commands_block(all_steps), "```", "", END]
     return "\n".join(out)
+
+
+def probe_rows(random_name: str, name: str, label: str) -> list[str]:
+    """k-NN and linear probe of ``teacher_<name>`` against random weights, and the gain."""
+    fmt, keys = steps_lib.fmt, ("val_knn_top1", "test_knn_top1", "val_top1", "test_top1")
+    probe, random = steps_lib.load(probe_file(name)) or {}, steps_lib.load(probe_file(random_name)) or {}
+    gain = [None if probe.get(k) is None or random.get(k) is None else probe[k] - random[k] for k in keys]
+    return ["| teacher | k-NN val | k-NN test | linear val | linear test |", "|---|---|---|---|---|",
+            f"| random weights | {' | '.join(fmt(random.get(k)) for k in keys)} |",
+            f"| {label} | {' | '.join(fmt(probe.get(k)) for k in keys)} |",
+            f"| gain over random weights | {' | '.join(fmt(g, '+.2f') for g in gain)} |"]
 
 
 PAPER = {"supervised": "27.9", "finetune": "39.4", "distill": "44.6", "supervised_budget": "-"}

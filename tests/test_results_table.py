@@ -180,6 +180,7 @@ def test_tinyimagenet_runner_steps_and_table(tmp_path, monkeypatch):
     assert names[3:3 + len(pilots)] == pilots                        # the pilots run before any student
     assert {"supervised_s0", "supervised_s1", "distill_s0", "distill_s1", "finetune_s0",
             "supervised_budget_s0"} <= set(names) and "finetune_s1" not in names
+    resolution = {}
     for step in steps:
         cfg = _load(parse_args(build_parser(), step.argv))
         assert cfg.data.root == "DATA" and cfg.output_dir == "runs/tinyimagenet_50"
@@ -188,6 +189,10 @@ def test_tinyimagenet_runner_steps_and_table(tmp_path, monkeypatch):
             assert arch_of(cfg.student) == arch_of(cfg.teacher)
         if step.name in pilots:
             assert cfg.teacher.epochs == 10 and step.argv[-2:] == ["--name", step.name.replace("pretrain_", "teacher_")]
+        resolution[step.name] = cfg.data.resolution
+    for pilot in tiny.PROBED_PILOTS:   # a pilot and its random baseline are probed at the pilot's resolution
+        assert resolution[f"probe_{pilot}"] == resolution[f"probe_random_{pilot}"] == resolution[f"pretrain_{pilot}"]
+    assert resolution["pretrain_pilot_e10_64px"] == 64 and resolution["probe_random"] == 32
     assert lib.record_path(steps[0]).parent == tmp_path / "runs" / "steps"  # not the CIFAR runner's folder
     for seed, (sup, dis) in enumerate([(20.0, 30.0), (22.0, 34.0)]):
         for recipe, test in (("supervised", sup), ("distill", dis)):
@@ -207,6 +212,13 @@ def test_tinyimagenet_runner_steps_and_table(tmp_path, monkeypatch):
     assert "minus supervised (test, seed means): **+11.00 points**" in doc     # 32 - 21
     assert "minus the budget-matched supervised run: **+7.00 points**" in doc  # 32 - 25
     assert "| gain over random weights | +7.50 | +7.00 | +9.00 | +8.50 |" in doc
+    put(lib.kept(tiny.probe_file("random_pilot_e10_64px")), {"val_knn_top1": 4.0, "test_knn_top1": 3.0,
+                                                             "val_top1": 5.0, "test_top1": 4.5})
+    put(lib.kept(tiny.probe_file("pilot_e10_64px")), {"val_knn_top1": 6.0, "test_knn_top1": 5.5,
+                                                      "val_top1": 9.0, "test_top1": 8.0})
+    doc = tiny.table(steps)
+    assert "| `pilot_e10_64px` (10 epochs) | 6.00 | 5.50 | 9.00 | 8.00 |\n| gain over random weights | +2.00 | " \
+           "+2.50 | +4.00 | +3.50 |" in doc
     assert "**21.00 ± 1.41** (20.00, 22.00)" in doc
 
 
