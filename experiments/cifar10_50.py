@@ -10,9 +10,9 @@ from experiments/configs/cifar10_50/. Its log goes to runs/cifar10_50/logs/STEP.
 not run again, so an interrupted reproduction resumes. Models stay in runs/ (not committed); the
 step records and the small files the table reads (metrics, probes, eval reports, configs) are
 kept in experiments/records/cifar10_50/, which is committed: the table and the resume outlive the
-machine. A finished step whose model is gone runs again only if a step still to run needs it. Protocol: every
-model trains on `train` (50/class); choices (which tricks are kept) are made on `val`;
-`test` (10,000 images) gives the reported numbers only.
+machine. A finished step whose model is gone runs again only if a step still to run needs it.
+Protocol: every model trains on `train` (50/class); choices (which tricks are kept) are made on
+`val`; `test` (10,000 images) gives the reported numbers only.
 """
 from __future__ import annotations
 

@@ -9,10 +9,10 @@ Pilots first (10-epoch phase-1 runs, one change each, compared by their k-NN val
 the teacher from learning), then the phase ablation (supervised; phase 1 + linear probe; phase 1 +
 fine-tune; phase 1 + phase 2), 2 seeds for supervised and phase 1 + phase 2, the teacher's gain
 over random weights (k-NN and linear probe), and the supervised baseline given the CPU time of
-phase 1 + phase 2. Steps, step
-records (resume: a finished step is not run again; kept, committed, in experiments/records/tinyimagenet_50),
-logs and the table's helpers are those of experiments/cifar10_50.py, in its own instance pointed at
-runs/tinyimagenet_50 and experiments/configs/tinyimagenet_50. Every model trains on `train`; choices are made on `val`;
+phase 1 + phase 2. Steps, step records (resume: a finished step is not run again; kept,
+committed, in experiments/records/tinyimagenet_50), logs and the table's helpers are those of
+experiments/cifar10_50.py, in its own instance pointed at runs/tinyimagenet_50 and
+experiments/configs/tinyimagenet_50. Every model trains on `train`; choices are made on `val`;
 `test` (the official labelled hold-out, 10,000 images) gives the reported numbers only.
 """
 from __future__ import annotations
