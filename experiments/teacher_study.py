@@ -91,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = repro.runner_args(argv, __doc__, RESULTS, "run just these arms (e.g. study_e400)")
     if not args.table_only:
         only = {f"{kind}_{arm}" for arm in args.only for kind in ("pretrain", "probe")} if args.only else None
-        all_steps = steps(args.data)
-        for i, step in enumerate(all_steps):
-            if (only is None or step.name in only) and not repro.is_done(step, all_steps[i + 1:]):
-                repro.run_step(step)
+        repro.run_all(steps(args.data), only)
     write_table()
     return 0
 
