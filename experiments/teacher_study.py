@@ -40,31 +40,26 @@ RANDOM = "study_random"
 BEGIN, END = "<!-- study:begin (written by experiments/teacher_study.py) -->", "<!-- study:end -->"
 
 
-def probe_file(arm: str) -> Path:
-    return repro.RUNS / f"teacher_{arm}" / "probe.json"
-
-
 def steps(data: str) -> list:
     out = [repro.Step(f"probe_{RANDOM}", ["linear-probe", data, "--random-init", "--split", "val", "test",
-                                           "--out", str(probe_file(RANDOM)), "--config", CONFIG], probe_file(RANDOM))]
+                                           "--out", str(repro.probe_file(RANDOM)), "--config", CONFIG], repro.probe_file(RANDOM))]
     for arm, overrides in ARMS.items():
         out += [repro.Step(f"pretrain_{arm}", ["pretrain", data, *overrides, "--config", CONFIG,
                                                "--name", f"teacher_{arm}"], repro.teacher_file(arm)),
                 repro.Step(f"probe_{arm}", ["linear-probe", data, "--teacher", str(repro.teacher_file(arm)),
-                                            "--split", "val", "test", "--out", str(probe_file(arm)),
-                                            "--config", CONFIG], probe_file(arm))]
+                                            "--split", "val", "test", "--out", str(repro.probe_file(arm)),
+                                            "--config", CONFIG], repro.probe_file(arm))]
     return out
 
 
 def table() -> str:
     fmt = repro.fmt
-    random = repro.load(probe_file(RANDOM)) or {}
+    random = repro.load(repro.probe_file(RANDOM)) or {}
     rows = [f"| random weights | - | - | {fmt(random.get('val_knn_top1'))} | - | {fmt(random.get('test_knn_top1'))} | "
             f"- | {fmt(random.get('val_top1'))} | {fmt(random.get('test_top1'))} | {random.get('probe_lr', '-')} | - |"]
     for arm, overrides in ARMS.items():
-        probe = repro.load(probe_file(arm)) or {}
-        gain = {s: probe[f"{s}_knn_top1"] - random[f"{s}_knn_top1"] if f"{s}_knn_top1" in probe
-                and f"{s}_knn_top1" in random else None for s in ("val", "test")}
+        probe = repro.load(repro.probe_file(arm)) or {}
+        gain = {s: repro.gain(probe, random, f"{s}_knn_top1") for s in ("val", "test")}
         rows.append(f"| `{arm}` | {' '.join(overrides) or '(base.yaml)'} | {repro.knn_curve(arm)} | "
                     f"{fmt(probe.get('val_knn_top1'))} | {fmt(gain['val'])} | {fmt(probe.get('test_knn_top1'))} | "
                     f"{fmt(gain['test'])} | "

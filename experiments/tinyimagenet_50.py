@@ -42,7 +42,7 @@ def _steps_machinery():
 
 
 steps_lib = _steps_machinery()
-Step = steps_lib.Step
+Step, probe_file, probe_rows = steps_lib.Step, steps_lib.probe_file, steps_lib.probe_rows
 RECIPES = {"supervised": "supervised.yaml", "finetune": "finetune.yaml", "distill": "distill.yaml",
            "supervised_budget": "supervised_budget.yaml"}  # the CIFAR runner's file names, this folder's files
 ROWS = {"supervised": SEEDS, "finetune": (0,), "distill": SEEDS, "supervised_budget": (0,)}
@@ -56,10 +56,6 @@ PILOTS = {"pilot_e10": ["teacher.epochs=10"],
           "pilot_e10_stride1": ["teacher.epochs=10", "teacher.stem_stride=1"]}
 # pilots probed (k-NN and linear) against random weights at the same data settings: pilot -> data overrides
 PROBED_PILOTS = {"pilot_e10_64px": NATIVE}
-
-
-def probe_file(name: str) -> Path:
-    return RUNS / f"teacher_{name}" / "probe.json"
 
 
 def steps(data: str) -> list:
@@ -103,7 +99,7 @@ def table(all_steps: list) -> str:
         return None if means.get(a) is None or means.get(b) is None else means[a] - means[b]
 
     student_row("supervised from scratch", "supervised")
-    rows.append(f"| phase 1 + linear probe | `base.yaml` | 0 | {fmt(probe.get('val_top1'))} | "
+    rows.append(f"| phase 1 + linear probe | `base.yaml` | {'0' if probe else '-'} | {fmt(probe.get('val_top1'))} | "
                 f"{fmt(probe.get('test_top1'))} | {fmt(lib.wall_min(f'pretrain_{TEACHER}', f'probe_{TEACHER}'), '.1f')}"
                 f" | 34.5 |")
     student_row("phase 1 + full fine-tune", "finetune")
@@ -133,17 +129,6 @@ def table(all_steps: list) -> str:
                *probe_rows(f"random_{pilot}", pilot, f"`{pilot}` (10 epochs)"), "")),
            "Every command, in the order run:", "", "```", *lib.commands_block(all_steps), "```", "", END]
     return "\n".join(out)
-
-
-def probe_rows(random_name: str, name: str, label: str) -> list[str]:
-    """k-NN and linear probe of ``teacher_<name>`` against random weights, and the gain."""
-    fmt, keys = steps_lib.fmt, ("val_knn_top1", "test_knn_top1", "val_top1", "test_top1")
-    probe, random = steps_lib.load(probe_file(name)) or {}, steps_lib.load(probe_file(random_name)) or {}
-    gain = [None if probe.get(k) is None or random.get(k) is None else probe[k] - random[k] for k in keys]
-    return ["| teacher | k-NN val | k-NN test | linear val | linear test |", "|---|---|---|---|---|",
-            f"| random weights | {' | '.join(fmt(random.get(k)) for k in keys)} |",
-            f"| {label} | {' | '.join(fmt(probe.get(k)) for k in keys)} |",
-            f"| gain over random weights | {' | '.join(fmt(g, '+.2f') for g in gain)} |"]
 
 
 PAPER = {"supervised": "27.9", "finetune": "39.4", "distill": "44.6", "supervised_budget": "-"}

@@ -41,7 +41,9 @@ def fake_student(mod, run: str, val: float, test: float, wall: float = 60.0) -> 
 
 
 def test_every_step_is_a_valid_command_with_a_valid_config(repro):
-    assert [s.name for s in repro.known_steps("DATA")][-2:] == ["finetune_s0", "eval_finetune_s0_test"]
+    names = [s.name for s in repro.known_steps("DATA")]
+    assert names[:2] == ["probe_random", f"pretrain_{repro.MAIN_TEACHER}"]   # the baseline of every teacher's gain
+    assert names[-2:] == ["finetune_s0", "eval_finetune_s0_test"]
     fake_student(repro, "distill_s0", 42.0, 43.0)
     fake_student(repro, "distill_l1e-4_s0", 44.0, 45.0)   # lambda 1e-4 wins on val
     fake_student(repro, "tricks_s0", 40.0, 41.0)           # tricks lose on val
@@ -109,8 +111,18 @@ def test_table_statistics_and_val_decisions(repro):
     assert second[1].argv[second[1].argv.index("--teacher") + 1] == str(repro.teacher_file("m0_k128_s1"))
     fake_student(repro, "s1_supervised_s1", 36.0, 38.5)
     fake_student(repro, "s1_distill_l2.5e-5_s1", 40.0, 42.0)
+    put(repro.kept(repro.probe_file("random")), {"val_knn_top1": 21.0, "test_knn_top1": 20.0, "val_top1": 25.0,
+                                                  "test_top1": 24.0})
+    put(repro.kept(repro.probe_file(repro.MAIN_TEACHER)), {"val_knn_top1": 30.0, "test_knn_top1": 32.5,
+                                                            "val_top1": 35.0, "test_top1": 34.0})
+    put(repro.kept(repro.probe_file("m0_k480_e40")), {"val_knn_top1": 28.0, "test_knn_top1": 27.0})
     repro.write_table(steps)
     doc = repro.RESULTS.read_text()
+    rows = {line.split("|")[1].strip(): line for line in doc.splitlines() if line.startswith("|")}
+    assert rows["supervised from scratch"].endswith("| 41.27 | 27.9 |")   # before the fixes, then the paper
+    assert rows["phase 1 + linear probe"].endswith("| 35.00 | 34.00 | - | 28.71 | 34.5 |")
+    assert rows["gain over random weights"] == "| gain over random weights | +9.00 | +12.50 | +10.00 | +10.00 |"
+    assert rows["0"].startswith("| 0 | 480 |") and "| 27.00 | +7.00 | - | - | 28.93 / 26.33 |" in rows["0"]
     assert "budget-matched supervised baseline: **+4.00 points**" in doc   # 44 (3-seed mean) - 40
     assert "(lambda chosen on val) minus supervised: **+2.50 points**" in doc   # (39 + 42)/2 - (37.5 + 38.5)/2
     assert "| 0,1 | **36.00 ± 0.00** (36.00, 36.00) | **38.00 ± 0.71** (37.50, 38.50) |" in doc
@@ -150,9 +162,9 @@ def test_teacher_study_steps_are_valid_commands_and_its_table_reads_the_probes(r
     expected = {f"teacher_{arm}": next((int(o.split("=")[1]) for o in overrides if o.startswith("teacher.epochs=")), 100)
                 for arm, overrides in study.ARMS.items()}   # base.yaml's 100 unless an arm overrides it
     assert epochs == expected and expected["teacher_study_e400"] == 400
-    put(repro.kept(study.probe_file(study.RANDOM)), {"val_knn_top1": 21.0, "test_knn_top1": 20.0, "val_top1": 20.0,
+    put(repro.kept(repro.probe_file(study.RANDOM)), {"val_knn_top1": 21.0, "test_knn_top1": 20.0, "val_top1": 20.0,
                                          "test_top1": 19.0, "probe_lr": 1.0})
-    put(repro.kept(study.probe_file("study_e400")), {"val_knn_top1": 40.5, "test_knn_top1": 39.0, "val_top1": 41.0,
+    put(repro.kept(repro.probe_file("study_e400")), {"val_knn_top1": 40.5, "test_knn_top1": 39.0, "val_top1": 41.0,
                                          "test_top1": 40.0, "probe_lr": 10.0})
     study.write_table()
     row = [line for line in repro.RESULTS.read_text().splitlines() if line.startswith("| `study_e400`")][0]
