@@ -462,7 +462,9 @@ def followup_rows(means: dict) -> tuple[list[str], list[str]]:
 
     name = STRIDE1_TEACHER
     probe = load(probe_file(name)) or {}
-    rows = [row("supervised from scratch, 240 epochs (the CPU time of phase 1 + phase 2)", "supervised_budget"),
+    import yaml
+    epochs = yaml.safe_load((REPO / CONFIGS / RECIPES["supervised_budget"]).read_text())["student"]["epochs"]
+    rows = [row(f"supervised from scratch, {epochs} epochs (the CPU time of phase 1 + phase 2)", "supervised_budget"),
             row("stride 1: supervised from scratch", "s1_supervised"),
             f"| stride 1: phase 1 (m = 0, K = 128) + linear probe (k-NN val {fmt(probe.get('val_knn_top1'))}, "
             f"test {fmt(probe.get('test_knn_top1'))}) | `{TEACHERS[name]}` | {'0' if probe else '-'} | {fmt(probe.get('val_top1'))} | "
