@@ -529,7 +529,7 @@ def table(steps: list[Step]) -> str:
            *followups, "",
            *followup_gaps, "",
            "### Margin ablation (teachers of 40 epochs; k-NN k=50, t=0.1 and linear probe, both fit on train)", "",
-           "| m | K | config | k-NN val (monitor) | k-NN val | k-NN test | k-NN test gain over random | linear val | "
+           "| m | K | config | k-NN val (monitor, last epoch) | k-NN val (exported epoch) | k-NN test | k-NN test gain over random | linear val | "
            "linear test | before the fixes: k-NN / linear test | min |",
            "|---|---|---|---|---|---|---|---|---|---|---|", *margin_rows(), "",
            "### Every command, in the order run", "", "```", *commands_block(steps), "```", "", END]
