@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = "experiments/configs/cifar10_50"
 RUNS = Path("runs/cifar10_50")
@@ -380,7 +382,8 @@ def phase_rows() -> tuple[list[str], dict]:
 
     multi("supervised from scratch", "supervised", "27.9")
     probe = load(probe_file(MAIN_TEACHER)) or {}
-    rows.append(f"| phase 1 + linear probe | `{TEACHERS[MAIN_TEACHER]}` | {'0' if probe else '-'} | {fmt(probe.get('val_top1'))} | "
+    rows.append(f"| phase 1 + linear probe | `{TEACHERS[MAIN_TEACHER]}` | {'0' if probe else '-'} | "
+                f"{fmt(probe.get('val_top1'))} | "
                 f"{fmt(probe.get('test_top1'))} | {fmt(wall_min(f'pretrain_{MAIN_TEACHER}', f'probe_{MAIN_TEACHER}'), '.1f')}"
                 f" | {fmt(BEFORE['probe'])} | 34.5 |")
     multi("phase 1 + full fine-tune", "finetune", "39.4", seeds=(0,))
@@ -462,12 +465,12 @@ def followup_rows(means: dict) -> tuple[list[str], list[str]]:
 
     name = STRIDE1_TEACHER
     probe = load(probe_file(name)) or {}
-    import yaml
     epochs = yaml.safe_load((REPO / CONFIGS / RECIPES["supervised_budget"]).read_text())["student"]["epochs"]
     rows = [row(f"supervised from scratch, {epochs} epochs (the CPU time of phase 1 + phase 2)", "supervised_budget"),
             row("stride 1: supervised from scratch", "s1_supervised"),
             f"| stride 1: phase 1 (m = 0, K = 128) + linear probe (k-NN val {fmt(probe.get('val_knn_top1'))}, "
-            f"test {fmt(probe.get('test_knn_top1'))}) | `{TEACHERS[name]}` | {'0' if probe else '-'} | {fmt(probe.get('val_top1'))} | "
+            f"test {fmt(probe.get('test_knn_top1'))}) | `{TEACHERS[name]}` | {'0' if probe else '-'} | "
+            f"{fmt(probe.get('val_top1'))} | "
             f"{fmt(probe.get('test_top1'))} | {fmt(wall_min(f'pretrain_{name}', f'probe_{name}'), '.1f')} |"]
     for recipe in S1_DISTILL_CANDIDATES:
         lam = recipe.rsplit("_l", 1)[1] if "_l" in recipe else "1e-4"
@@ -529,8 +532,8 @@ def table(steps: list[Step]) -> str:
            *followups, "",
            *followup_gaps, "",
            "### Margin ablation (teachers of 40 epochs; k-NN k=50, t=0.1 and linear probe, both fit on train)", "",
-           "| m | K | config | k-NN val (monitor, last epoch) | k-NN val (exported epoch) | k-NN test | k-NN test gain over random | linear val | "
-           "linear test | before the fixes: k-NN / linear test | min |",
+           "| m | K | config | k-NN val (monitor, last epoch) | k-NN val (exported epoch) | k-NN test | "
+           "k-NN test gain over random | linear val | linear test | before the fixes: k-NN / linear test | min |",
            "|---|---|---|---|---|---|---|---|---|---|---|", *margin_rows(), "",
            "### Every command, in the order run", "", "```", *commands_block(steps), "```", "", END]
     return "\n".join(out)

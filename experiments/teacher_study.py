@@ -42,7 +42,8 @@ BEGIN, END = "<!-- study:begin (written by experiments/teacher_study.py) -->", "
 
 def steps(data: str) -> list:
     out = [repro.Step(f"probe_{RANDOM}", ["linear-probe", data, "--random-init", "--split", "val", "test",
-                                           "--out", str(repro.probe_file(RANDOM)), "--config", CONFIG], repro.probe_file(RANDOM))]
+                                           "--out", str(repro.probe_file(RANDOM)), "--config", CONFIG],
+                      repro.probe_file(RANDOM))]
     for arm, overrides in ARMS.items():
         out += [repro.Step(f"pretrain_{arm}", ["pretrain", data, *overrides, "--config", CONFIG,
                                                "--name", f"teacher_{arm}"], repro.teacher_file(arm)),
