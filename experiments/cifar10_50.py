@@ -7,10 +7,11 @@
 Every step is one `raypipe` command (pretrain, distill, linear-probe, evaluate) with a config
 from experiments/configs/cifar10_50/. Its log goes to runs/cifar10_50/logs/STEP.log and a record
 (command, exit code, wall time, machine) to steps/STEP.json; a step with a successful record is
-not run again, so an interrupted reproduction resumes. Models stay in runs/ (not committed); the
-step records and the small files the table reads (metrics, probes, eval reports, configs) are
-kept in experiments/records/cifar10_50/, which is committed: the table and the resume outlive the
-machine. A finished step whose model is gone runs again only if a step still to run needs it.
+not run again, so an interrupted reproduction resumes. Models stay in runs/ (not committed) unless
+named in KEPT_MODELS; the step records and the small files the table reads (metrics, probes, eval
+reports, configs) are kept in experiments/records/cifar10_50/, which is committed: the table and the
+resume outlive the machine. A kept model is copied back to runs/ for the steps that read it; a
+finished step whose model is gone runs again only if a step still to run needs it.
 Protocol: every model trains on `train` (50/class); choices (which tricks are kept) are made on
 `val`; `test` (10,000 images) gives the reported numbers only.
 """
@@ -36,6 +37,7 @@ CONFIGS = "experiments/configs/cifar10_50"
 RUNS = Path("runs/cifar10_50")
 RECORDS = Path("experiments/records/cifar10_50")  # committed copies of the small files of RUNS
 KEPT = ("steps/*.json", "*/metrics.json", "*/metrics.csv", "*/probe.json", "*/config.yaml", "eval/*/report.json")
+KEPT_MODELS: tuple[str, ...] = ()  # models of RUNS (globs) kept too: a later sitting's steps start from them
 RESULTS = Path("docs/results.md")
 SEEDS = (0, 1, 2)
 # teacher name -> config: the phase-2 teacher (m = 0.4, K = 128, t = 0.1, no blur, 400 epochs: the
@@ -225,15 +227,24 @@ def is_done(step: Step, later: list[Step] = ()) -> bool:
 
 
 def keep_records() -> None:
-    """Copy the small files of RUNS (KEPT) to RECORDS."""
-    for pattern in KEPT:
+    """Copy the small files of RUNS (KEPT) and the KEPT_MODELS to RECORDS."""
+    for pattern in (*KEPT, *KEPT_MODELS):
         for path in RUNS.glob(pattern):
             target = kept(path)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
 
 
+def restore_inputs(step: Step) -> None:
+    """Files of RUNS the step reads that only their kept copy holds (a new machine) go back to RUNS."""
+    for path in map(Path, step.argv):
+        if path.is_relative_to(RUNS) and not path.exists() and kept(path).is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(kept(path), path)
+
+
 def run_step(step: Step) -> None:
+    restore_inputs(step)
     log = RUNS / "logs" / f"{step.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     record_path(step).parent.mkdir(parents=True, exist_ok=True)

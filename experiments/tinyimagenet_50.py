@@ -38,15 +38,17 @@ def _steps_machinery():
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     module.RUNS, module.RECORDS, module.CONFIGS = RUNS, RECORDS, CONFIGS
+    # the teacher (45 MB) is committed with the records: the students of a later sitting start from it
+    module.KEPT_MODELS = (f"teacher_{TEACHER}/teacher.pt",)
     return module
 
 
+TEACHER = "teacher"
 steps_lib = _steps_machinery()
 Step, probe_file, probe_rows = steps_lib.Step, steps_lib.probe_file, steps_lib.probe_rows
 RECIPES = {"supervised": "supervised.yaml", "finetune": "finetune.yaml", "distill": "distill.yaml",
            "supervised_budget": "supervised_budget.yaml"}  # the CIFAR runner's file names, this folder's files
 ROWS = {"supervised": SEEDS, "finetune": (0,), "distill": SEEDS, "supervised_budget": (0,)}
-TEACHER = "teacher"
 NATIVE = ["data.resolution=64", "data.decode_size=0"]  # the images' own size (the recipe halves it)
 # short phase-1 runs that test, on val, what keeps the teacher from learning: pilot -> overrides of base.yaml
 PILOTS = {"pilot_e10": ["teacher.epochs=10"],

@@ -273,3 +273,27 @@ def test_table_is_not_rewritten_when_records_are_missing(repro):
     assert old in repro.RESULTS.read_text()
     repro.write_block(repro.RESULTS, f"{repro.BEGIN}\n```\n{old}   # pretrain_t: 3.0 min, exit 0\n```\n{repro.END}")
     assert repro.RESULTS.read_text().endswith("exit 0\n```\n<!-- results:end -->\ntail\n")
+
+
+def test_kept_models_come_back_for_the_steps_that_read_them(repro, monkeypatch):
+    """A teacher in KEPT_MODELS is committed with the records; on a new machine (no runs/) the
+    step that reads it gets it back in runs/, and the teacher's step counts as done."""
+    import shutil
+    monkeypatch.setattr(repro, "KEPT_MODELS", ("teacher_*/teacher.pt",))
+    teacher = repro.Step("pretrain_t", ["pretrain", "D", "--name", "teacher_t"], repro.teacher_file("t"))
+    student = repro.Step("s_s0", ["distill", "D", "--teacher", str(repro.teacher_file("t"))], repro.student_file("s_s0"))
+    repro.teacher_file("t").parent.mkdir(parents=True)
+    repro.teacher_file("t").write_bytes(b"weights")
+    (repro.RUNS / "s_s1").mkdir()
+    (repro.RUNS / "s_s1" / "student.pt").write_bytes(b"student")  # not a kept model
+    put(repro.record_path(teacher), {"rc": 0, "argv": ["raypipe", *teacher.argv]})
+    repro.keep_records()
+    assert (repro.RECORDS / "teacher_t" / "teacher.pt").read_bytes() == b"weights"
+    assert not (repro.RECORDS / "s_s1").exists()
+    shutil.rmtree(repro.RUNS)
+    assert repro.is_done(teacher, [student])  # its model survives in the records: no re-training
+    repro.restore_inputs(student)
+    assert repro.teacher_file("t").read_bytes() == b"weights"
+    repro.teacher_file("t").write_bytes(b"newer")
+    repro.restore_inputs(student)              # a model present in runs/ is never overwritten
+    assert repro.teacher_file("t").read_bytes() == b"newer"
