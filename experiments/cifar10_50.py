@@ -230,9 +230,14 @@ def keep_records() -> None:
     """Copy the small files of RUNS (KEPT) and the KEPT_MODELS to RECORDS."""
     for pattern in (*KEPT, *KEPT_MODELS):
         for path in RUNS.glob(pattern):
-            target = kept(path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
+            if not same_file(path, kept(path)):  # a kept model is not copied again after every step
+                kept(path).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, kept(path))
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Same size and modification time (copies are made with shutil.copy2, which keeps it)."""
+    return b.is_file() and (a.stat().st_size, a.stat().st_mtime) == (b.stat().st_size, b.stat().st_mtime)
 
 
 def restore_inputs(step: Step) -> None:
@@ -240,7 +245,7 @@ def restore_inputs(step: Step) -> None:
     for path in map(Path, step.argv):
         if path.is_relative_to(RUNS) and not path.exists() and kept(path).is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(kept(path), path)
+            shutil.copy2(kept(path), path)
 
 
 def run_step(step: Step) -> None:
