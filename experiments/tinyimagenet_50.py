@@ -38,7 +38,7 @@ def _steps_machinery():
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     module.RUNS, module.RECORDS, module.CONFIGS = RUNS, RECORDS, CONFIGS
-    # the teacher (45 MB) is committed with the records: the students of a later sitting start from it
+    # the teacher (46 MB) is committed with the records: the students of a later sitting start from it
     module.KEPT_MODELS = (f"teacher_{TEACHER}/teacher.pt",)
     return module
 
