@@ -230,14 +230,18 @@ def keep_records() -> None:
     """Copy the small files of RUNS (KEPT) and the KEPT_MODELS to RECORDS."""
     for pattern in (*KEPT, *KEPT_MODELS):
         for path in RUNS.glob(pattern):
-            if not same_file(path, kept(path)):  # a kept model is not copied again after every step
-                kept(path).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, kept(path))
+            target = kept(path)
+            if not same_file(path, target):  # a kept model is not copied again after every step
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
 
 
 def same_file(a: Path, b: Path) -> bool:
     """Same size and modification time (copies are made with shutil.copy2, which keeps it)."""
-    return b.is_file() and (a.stat().st_size, a.stat().st_mtime) == (b.stat().st_size, b.stat().st_mtime)
+    if not b.is_file():
+        return False
+    sa, sb = a.stat(), b.stat()
+    return (sa.st_size, sa.st_mtime) == (sb.st_size, sb.st_mtime)
 
 
 def restore_inputs(step: Step) -> None:
