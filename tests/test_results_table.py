@@ -191,7 +191,8 @@ def test_tinyimagenet_runner_steps_and_table(tmp_path, monkeypatch):
     pilots = [f"pretrain_{pilot}" for pilot in tiny.PILOTS]
     assert names[3:3 + len(pilots)] == pilots                        # the pilots run before any student
     assert {"supervised_s0", "supervised_s1", "distill_s0", "distill_s1", "finetune_s0",
-            "supervised_budget_s0"} <= set(names) and "finetune_s1" not in names
+            "supervised_budget_s0", "distill_l1e-5_s0"} <= set(names) and "finetune_s1" not in names
+    assert "distill_l1e-5_s1" not in names       # the second seed waits for the lambda check on val
     resolution = {}
     for step in steps:
         cfg = _load(parse_args(build_parser(), step.argv))
@@ -221,8 +222,19 @@ def test_tinyimagenet_runner_steps_and_table(tmp_path, monkeypatch):
     doc = tiny.table(steps)
     assert "| `pilot_e10_m0` | teacher.epochs=10 teacher.margin=0 | 5:3.0 10:4.5 |" in doc
     assert "| `pilot_e10` | teacher.epochs=10 | - |" in doc                  # not run yet
+    assert "Lambda chosen on val (seed 0, 1e-4 vs 1e-5): **1e-4** (the default, until both have run)" in doc
     assert "minus supervised (test, seed means): **+11.00 points**" in doc     # 32 - 21
     assert "minus the budget-matched supervised run: **+7.00 points**" in doc  # 32 - 25
+    # the lambda check: 1e-5 wins on val (30 > 29) although its test is lower; it gets the second seed
+    # and the gap, 1e-4's better test does not count
+    put(lib.RECORDS / "distill_l1e-5_s0" / "metrics.json", {"val_top1": 30.0})
+    put(lib.RECORDS / "eval" / "distill_l1e-5_s0_test" / "report.json", {"top1": 27.0})
+    assert [s.name for s in tiny.steps("DATA")][-2:] == ["distill_l1e-5_s1", "eval_distill_l1e-5_s1_test"]
+    doc = tiny.table(tiny.steps("DATA"))
+    assert "Lambda chosen on val (seed 0, 1e-4 vs 1e-5): **1e-5**." in doc
+    assert "Phase 1 + phase 2 (lambda 1e-5) minus supervised (test, seed means): **+6.00 points**" in doc  # 27 - 21
+    put(lib.RECORDS / "distill_l1e-5_s0" / "metrics.json", {"val_top1": 28.0})   # now 1e-4 wins on val (29)
+    assert "distill_l1e-5_s1" not in [s.name for s in tiny.steps("DATA")]
     assert "| gain over random weights | +7.50 | +7.00 | +9.00 | +8.50 |" in doc
     put(lib.kept(tiny.probe_file("random_pilot_e10_64px")), {"val_knn_top1": 4.0, "test_knn_top1": 3.0,
                                                              "val_top1": 5.0, "test_top1": 4.5})
