@@ -90,11 +90,12 @@ def test_smoke_main_job_on_s3_killed_and_resumed_from_empty_disk_then_results(ra
 
     env = fresh_node("node2")
     with open(tmp_path / "run2.log", "w") as log2:   # written as it runs: what a timeout leaves to read
-        try:   # generous: a slow CI machine runs the rest of the search at half the speed of a laptop
+        limit = 2400   # generous: a slow CI machine runs the rest of the search at half the speed of a laptop
+        try:
             second = subprocess.run(cmd, cwd=script.parent, env=env, stdout=log2, stderr=subprocess.STDOUT, text=True,
-                                    timeout=2400)
+                                    timeout=limit)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"the resumed run took over 2400 s; its log:\n{(tmp_path / 'run2.log').read_text()[-4000:]}")
+            pytest.fail(f"the resumed run took over {limit} s; its log:\n{(tmp_path / 'run2.log').read_text()[-4000:]}")
     output = (tmp_path / "run2.log").read_text()
     assert second.returncode == 0, output[-3000:]
     assert "[stage1_teacher] restoring" in output
