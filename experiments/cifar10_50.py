@@ -7,7 +7,8 @@
 Every step is one `raypipe` command (pretrain, distill, linear-probe, evaluate) with a config
 from experiments/configs/cifar10_50/. Its log goes to runs/cifar10_50/logs/STEP.log and a record
 (command, exit code, wall time, machine) to steps/STEP.json; a step with a successful record is
-not run again, so an interrupted reproduction resumes. Models stay in runs/ (not committed) unless
+not run again, so an interrupted reproduction resumes. An interrupted step resumes from its last
+checkpoint when rerun; its wall time and log then span all its attempts. Models stay in runs/ (not committed) unless
 named in KEPT_MODELS; the step records and the small files the table reads (metrics, probes, eval
 reports, configs) are kept in experiments/records/cifar10_50/, which is committed: the table and the
 resume outlive the machine. A kept model is copied back to runs/ for the steps that read it; a
@@ -252,23 +253,46 @@ def restore_inputs(step: Step) -> None:
             shutil.copy2(kept(path), path)
 
 
+def attempt_path(step: Step) -> Path:
+    """The step's unfinished attempt (not kept: its checkpoints, which a resume needs, are not either)."""
+    return RUNS / "steps" / f"{step.name}.attempt"
+
+
+def earlier_attempts(step: Step, log: Path) -> tuple[int, float]:
+    """(count, wall seconds) of this very command's unfinished attempts (interrupted or failed; a rerun
+    resumes from their checkpoints), each timed from its start to its log's last line."""
+    path = attempt_path(step)
+    attempt = json.loads(path.read_text()) if path.is_file() else None
+    if not attempt or attempt["argv"] != step.argv or not log.is_file():
+        return 0, 0.0
+    return attempt["count"], attempt["earlier_wall_s"] + max(0.0, log.stat().st_mtime - attempt["started_unix"])
+
+
 def run_step(step: Step) -> None:
     restore_inputs(step)
     log = RUNS / "logs" / f"{step.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     record_path(step).parent.mkdir(parents=True, exist_ok=True)
-    print(f"[{step.name}] raypipe {' '.join(step.argv)}  (log: {log})", flush=True)
+    earlier, earlier_s = earlier_attempts(step, log)
+    resumed = f", resuming after {earlier} unfinished attempt(s), {earlier_s / 60:.1f} min" if earlier else ""
+    print(f"[{step.name}] raypipe {' '.join(step.argv)}  (log: {log}{resumed})", flush=True)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     t0 = time.time()
-    with log.open("w") as out:
+    attempt_path(step).write_text(json.dumps({"argv": step.argv, "count": earlier + 1, "started_unix": t0,
+                                              "earlier_wall_s": earlier_s}))
+    with log.open("a" if earlier else "w") as out:  # a resumed step's log keeps the earlier attempts
+        out.write(f"==== {started}: attempt {earlier + 1}\n")
+        out.flush()
         rc = subprocess.run([sys.executable, "-m", "raypipe", *step.argv], stdout=out,
                             stderr=subprocess.STDOUT).returncode
-    rec = {"name": step.name, "argv": ["raypipe", *step.argv], "rc": rc, "wall_s": round(time.time() - t0, 1),
-           "started": started, "machine": machine()}
+    rec = {"name": step.name, "argv": ["raypipe", *step.argv], "rc": rc,
+           "wall_s": round(earlier_s + time.time() - t0, 1), "attempts": earlier + 1, "started": started,
+           "machine": machine()}
     record_path(step).write_text(json.dumps(rec, indent=2))
     keep_records()
     if rc != 0:
         raise SystemExit(f"[{step.name}] failed with exit code {rc}; see {log}")
+    attempt_path(step).unlink()
     print(f"[{step.name}] done in {rec['wall_s'] / 60:.1f} min", flush=True)
 
 

@@ -130,7 +130,8 @@ def table(all_steps: list) -> str:
            f"{len(all_steps)}, {sum(r['wall_s'] for r in recs) / 3600:.2f} h of wall time in all.",
            "Test = the official Tiny ImageNet validation split (10,000 images, centre crop). Val = the disjoint 50 "
            "images per class of `val`. Multi-seed cells: **mean ± sample sd** (each seed). *min per seed*: wall "
-           "minutes of the row's own training + test evaluation.", "",
+           "minutes of the row's own training + test evaluation (a step resumed from its checkpoint in a later "
+           "sitting: all its attempts).", "",
            "| row | config | seeds | val top-1 | test top-1 | min per seed | paper (ImageNet subset) |",
            "|---|---|---|---|---|---|---|", *lines, "",
            f"Lambda chosen on val (seed 0, 1e-4 vs 1e-5): **{LAMBDAS[chosen]}**"

@@ -277,6 +277,35 @@ def test_records_outlive_the_run_folder_and_finished_steps_rerun_only_when_neede
     assert not repro.is_done(teacher, [student, evaluate, later])   # a student still to train needs it
 
 
+def test_a_step_rerun_after_an_unfinished_attempt_counts_both_attempts_and_keeps_their_log(repro):
+    """A long step is resumed from its checkpoint in a later sitting: its record's wall time is that
+    of all its attempts (the budget-matched baseline is sized by it) and its log keeps the first."""
+    import time
+    blocker = repro.RUNS / "demo"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("a file where the step writes a folder")   # the first attempt fails
+    step = repro.Step("demo", ["demo-data", str(blocker / "data"), "--train", "1", "--val", "1", "--test", "1",
+                               "--size", "8"], blocker / "data" / "train")
+    t0 = time.time()
+    with pytest.raises(SystemExit, match="failed with exit code"):
+        repro.run_step(step)
+    first_s = time.time() - t0
+    assert not repro.succeeded(step)
+    blocker.unlink()
+    t0 = time.time()
+    repro.run_step(step)
+    second_s = time.time() - t0
+    rec = repro.load(repro.record_path(step))
+    assert repro.succeeded(step) and rec["attempts"] == 2
+    assert second_s + 0.5 * first_s < rec["wall_s"] <= second_s + first_s + 1
+    log = (repro.RUNS / "logs" / "demo.log").read_text()
+    assert "attempt 1" in log and "NotADirectoryError" in log and "attempt 2" in log
+    assert not repro.attempt_path(step).exists()
+    repro.run_step(step)   # a finished step run again starts afresh
+    assert repro.load(repro.record_path(step))["attempts"] == 1
+    assert "NotADirectoryError" not in (repro.RUNS / "logs" / "demo.log").read_text()
+
+
 def test_table_is_not_rewritten_when_records_are_missing(repro):
     old = "raypipe pretrain D --name teacher_t"
     repro.RESULTS.write_text(f"# R\n\n{repro.BEGIN}\n```\n{old}\n```\n{repro.END}\ntail\n")
