@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoints import CheckpointError
     try:
         args.fn(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as exc:   # the OSErrors name their path
         print(f"raypipe {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -30,6 +30,14 @@ def test_use_gpu_accepts_booleans_in_yaml_and_on_the_command_line(tmp_path, caps
         load_config(overrides=["resources.use_gpu=maybe"])
 
 
+def test_an_unusable_output_path_is_a_one_line_error_naming_it(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    assert main(["demo-data", str(tmp_path / "taken" / "demo"), "--size", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raypipe demo-data: error:") and str(tmp_path / "taken" / "demo") in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_overrides_are_taken_anywhere_on_the_line():
     parser = build_parser()
     args = parse_args(parser, ["distill", "demo", "--teacher", "t.pt", "--mode", "distill", "--config",
