@@ -7,8 +7,8 @@
 Every step is one `raypipe` command (pretrain, distill, linear-probe, evaluate) with a config
 from experiments/configs/cifar10_50/. Its log goes to runs/cifar10_50/logs/STEP.log and a record
 (command, exit code, wall time, machine) to steps/STEP.json; a step with a successful record is
-not run again, so an interrupted reproduction resumes. An interrupted step resumes from its last
-checkpoint when rerun; its wall time and log then span all its attempts. Models stay in runs/ (not committed) unless
+not run again, so an interrupted reproduction resumes; an interrupted step resumes from its last
+checkpoint, its wall time and log spanning all its attempts. Models stay in runs/ (not committed) unless
 named in KEPT_MODELS; the step records and the small files the table reads (metrics, probes, eval
 reports, configs) are kept in experiments/records/cifar10_50/, which is committed: the table and the
 resume outlive the machine. A kept model is copied back to runs/ for the steps that read it; a
