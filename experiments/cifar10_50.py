@@ -555,7 +555,8 @@ def table(steps: list[Step]) -> str:
     out = [BEGIN, "",
            f"Machine: {'; '.join(machines) or '-'}. Steps recorded: {len(recs)}, {total:.2f} h of wall time in all.",
            f"Test = the CIFAR-10 test set (images per test report: {test_sizes() or '-'}; centre crop unless "
-           "stated). Val = the 500 held-out `val` images (model of the final epoch). Multi-seed cells: "
+           "stated); a student is tested as exported: its epoch with the best val. Val = the 500 held-out `val` "
+           "images; a student's val cell (and the runner's choices) is its final epoch's. Multi-seed cells: "
            "**mean ± sample sd** (each seed). *min per seed*: wall minutes of the row's own training + "
            "test evaluation; rows that start from the teacher also need its pre-training (in the "
            "linear-probe row's minutes, with the probe).", "",
