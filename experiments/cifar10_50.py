@@ -314,6 +314,11 @@ def load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+# which epoch a student row reports, as its two halves for a table's caption (test; val)
+EPOCHS_NOTE = ("; a student is tested as exported: its epoch with the best val.",
+               "; a student's val cell (and the runner's choices) is its final epoch's.")
+
+
 def student_val(run: str) -> float | None:
     m = load(RUNS / run / "metrics.json")
     return m["val_top1"] if m else None
@@ -555,8 +560,7 @@ def table(steps: list[Step]) -> str:
     out = [BEGIN, "",
            f"Machine: {'; '.join(machines) or '-'}. Steps recorded: {len(recs)}, {total:.2f} h of wall time in all.",
            f"Test = the CIFAR-10 test set (images per test report: {test_sizes() or '-'}; centre crop unless "
-           "stated); a student is tested as exported: its epoch with the best val. Val = the 500 held-out `val` "
-           "images; a student's val cell (and the runner's choices) is its final epoch's. Multi-seed cells: "
+           f"stated){EPOCHS_NOTE[0]} Val = the 500 held-out `val` images{EPOCHS_NOTE[1]} Multi-seed cells: "
            "**mean ± sample sd** (each seed). *min per seed*: wall minutes of the row's own training + "
            "test evaluation; rows that start from the teacher also need its pre-training (in the "
            "linear-probe row's minutes, with the probe).", "",

@@ -128,9 +128,9 @@ def table(all_steps: list) -> str:
     out = [BEGIN, "",
            f"Machine: {'; '.join(sorted({r['machine'] for r in recs})) or '-'}. Steps recorded: {len(recs)} of "
            f"{len(all_steps)}, {sum(r['wall_s'] for r in recs) / 3600:.2f} h of wall time in all.",
-           "Test = the official Tiny ImageNet validation split (10,000 images, centre crop); a student is tested as "
-           "exported: its epoch with the best val. Val = the disjoint 50 images per class of `val`; a student's val "
-           "cell (and the lambda choice) is its final epoch's. Multi-seed cells: **mean ± sample sd** (each seed). *min per seed*: wall "
+           f"Test = the official Tiny ImageNet validation split (10,000 images, centre crop){lib.EPOCHS_NOTE[0]} "
+           f"Val = the disjoint 50 images per class of `val`{lib.EPOCHS_NOTE[1]} "
+           "Multi-seed cells: **mean ± sample sd** (each seed). *min per seed*: wall "
            "minutes of the row's own training + test evaluation (a step resumed from its checkpoint in a later "
            "sitting: all its attempts).", "",
            "| row | config | seeds | val top-1 | test top-1 | min per seed | paper (ImageNet subset) |",
