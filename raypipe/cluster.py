@@ -182,11 +182,49 @@ class StoppedTrialTracebacks:
         return out
 
 
+class WorkerAbortDumps:
+    """Collapses, per process, the crash dump of a Ray worker that Ray's C++ core aborts into one
+    line. Seen here as idle Ray Data workers exit (Ray's "idle for a long time" shutdown): an abseil
+    ``[mutex.cc ...] RAW: ... Mutex corrupt`` check, ``*** SIGABRT``, Python's ``Fatal Python error:
+    Aborted`` and its list of ~100 extension modules. The run is unaffected (a training worker lost
+    this way shows as Train's own failure and restart); the full dump stays in the Ray session's
+    ``logs/old/worker-*-<pid>.err``."""
+
+    START = re.compile(r"^\[mutex\.cc : \d+\] RAW: |^\*\*\* SIGABRT received at time=")
+    PART = re.compile(r"^\[mutex\.cc : \d+\] RAW: |^\*\*\* SIGABRT received at time=|^Fatal Python error: Aborted"
+                      r"|^\s*$|^(Current thread|Thread) 0x[0-9a-f]+ |^  File \"|^  <no Python frame>")
+    LAST = "Extension modules: "   # faulthandler's last line
+
+    def __init__(self):
+        self.inside: set = set()   # pids whose dump is being read
+
+    def __call__(self, pid, lines: list[str]) -> list[str]:
+        out = []
+        for line in lines:
+            if pid in self.inside:
+                if line.startswith(self.LAST):
+                    self.inside.discard(pid)
+                    continue
+                if self.PART.match(line):
+                    continue
+                self.inside.discard(pid)
+            if self.START.match(line):
+                self.inside.add(pid)
+                who, dump = (f"Ray worker process {pid}", f"logs/old/worker-*-{pid}.err") if isinstance(pid, int) \
+                    else ("a Ray process", "logs")
+                out.append(f"note: {who} aborted in Ray's C++ core (an abseil mutex check; a Ray issue, seen as idle "
+                           f"workers exit). Ray starts workers as needed; the dump is in the Ray session's {dump}")
+                continue
+            out.append(line)
+        return out
+
+
 def hide_ray_component_logs() -> None:
     """Drop Ray's own C++ log lines (e.g. an actor killed twice at shutdown, logged as an error), the
     raylet's worker start-up warning, and what the workers of an early-stopped trial print while
     they are torn down (a SIGTERM stack dump, the data coordinator's ``ActorDiedError``, the SIGTERM
-    handler's ``SystemExit`` noted during garbage collection) from what the cluster sends to this
+    handler's ``SystemExit`` noted during garbage collection), and collapse a worker's abort dump
+    into one line (``WorkerAbortDumps``), in what the cluster sends to this
     driver (worker logs and errors pushed to the driver); the job's own output, other Python
     tracebacks and the raylet's other messages (e.g. OOM kills) pass. Wraps Ray's private
     ``print_to_stdstream`` (Ray is pinned < 2.61; if it moves, nothing is filtered); call before
@@ -199,11 +237,12 @@ def hide_ray_component_logs() -> None:
     if getattr(show, "raypipe_filter", False):
         return
 
-    stopped_trials = StoppedTrialTracebacks()
+    stopped_trials, aborts = StoppedTrialTracebacks(), WorkerAbortDumps()
 
     def filtered(data: dict, ignore_prefix: bool) -> None:
-        lines = stopped_trials(data.get("pid"), [line for line in data.get("lines", [])
-                                                 if not RAY_COMPONENT_LOG.match(line)])
+        pid = data.get("pid")
+        lines = stopped_trials(pid, aborts(pid, [line for line in data.get("lines", [])
+                                                 if not RAY_COMPONENT_LOG.match(line)]))
         if lines:
             show({**data, "lines": lines}, ignore_prefix)
     filtered.raypipe_filter = True

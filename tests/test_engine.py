@@ -101,6 +101,35 @@ def test_two_workers_start_with_one_queue_and_evaluate_with_averaged_bn_statisti
     assert torch.allclose(a["mean"], (a["local_mean"] + b["local_mean"]) / 2, atol=1e-6)
 
 
+# What an idle Ray Data worker printed as Ray's C++ core aborted it on exit (README command 1,
+# 2026-12-02; the glog copies of the SIGABRT lines and the stack frames are Ray component lines).
+ABORT_DUMP = ["[mutex.cc : 452] RAW: Lock blocking 0x55d1d9faa430   @ 0x7f1d72a2b1a2 0x7f1d71afb23c",
+              "[mutex.cc : 1957] RAW: Check (v & (kMuWait | kMuWrWait)) != kMuWrWait failed: Lock: Mutex corrupt: "
+              "waiting writer with no waiters: 0x7f1d73f57470",
+              "*** SIGABRT received at time=1796193973 on cpu 1 ***",
+              "PC: @     0x7f1d738a8eec  (unknown)  (unknown)", "    @     0x7f1d7385a050       9104  (unknown)",
+              "[2026-12-02 06:46:13,287 E 8845 9329] logging.cc:474: *** SIGABRT received at time=1796193973 on cpu 1 ***",
+              "Fatal Python error: Aborted", "", "",
+              "Extension modules: msgpack._cmsgpack, google._upb._message, ray._raylet, torch._C (total: 102)"]
+
+
+def test_a_worker_abort_dump_becomes_one_line_per_process():
+    from raypipe.cluster import RAY_COMPONENT_LOG, WorkerAbortDumps
+    dump = [line for line in ABORT_DUMP if not RAY_COMPONENT_LOG.match(line)]
+    collapse = WorkerAbortDumps()
+    first = collapse(8845, ["epoch 3", *dump[:3]])
+    assert len(first) == 2 and first[0] == "epoch 3" and "Ray worker process 8845 aborted" in first[1]
+    assert "worker-*-8845.err" in first[1]
+    assert collapse(8845, [*dump[3:], "after"]) == ["after"]          # the rest of the dump, in a later batch
+    assert collapse(8845, dump) == first[1:]                         # a second abort: one line again
+    no_pid = collapse("raylet", dump[2:])                            # from the raylet's log: no file hint
+    assert len(no_pid) == 1 and "a Ray process aborted" in no_pid[0] and "worker-*" not in no_pid[0]
+    fault = ["Fatal Python error: Segmentation fault", "", "Current thread 0x7f (most recent call first):",
+             '  File "/repo/raypipe/teacher.py", line 80 in train_loop']
+    assert collapse(11, fault) == fault                             # any other crash: shown whole
+    assert collapse(11, ["", "Extension modules: x"]) == ["", "Extension modules: x"]   # outside a dump: kept
+
+
 def test_ray_component_logs_are_hidden_from_the_driver_unless_verbose(ray_cluster, capsys):
     """Lines the cluster sends to the driver (worker logs, errors pushed by the raylet): Ray's C++
     log lines and the raylet's worker start-up burst warning are dropped, the job's own pass."""
@@ -112,10 +141,12 @@ def test_ray_component_logs_are_hidden_from_the_driver_unless_verbose(ray_cluste
     oom = "A worker died or was killed while executing a task by an unexpected system error (OOM)."
     dispatcher.emit({"lines": [internal, "skipped 3 unreadable image(s)"], "pid": 1234, "is_err": True,
                      "ip": "127.0.0.1", "job": "01000000"})
+    dispatcher.emit({"lines": ABORT_DUMP, "pid": 8845, "is_err": True, "ip": "127.0.0.1", "job": "01000000"})
     from ray._private import worker   # errors the raylet pushes to the driver take this path
     worker.print_to_stdstream({"lines": [burst, oom], "pid": "raylet", "is_err": False}, ignore_prefix=False)
     out = capsys.readouterr()
     assert "skipped 3 unreadable image(s)" in out.err and "gcs_actor_scheduler.cc" not in out.err
+    assert "Ray worker process 8845 aborted" in out.err and "Extension modules" not in out.err
     assert oom in out.out and "PYTHON worker processes" not in out.out
 
 
