@@ -191,8 +191,8 @@ class WorkerAbortDumps:
     ``logs/old/worker-*-<pid>.err``."""
 
     START = re.compile(r"^\[mutex\.cc : \d+\] RAW: |^\*\*\* SIGABRT received at time=")
-    PART = re.compile(r"^\[mutex\.cc : \d+\] RAW: |^\*\*\* SIGABRT received at time=|^Fatal Python error: Aborted"
-                      r"|^\s*$|^(Current thread|Thread) 0x[0-9a-f]+ |^  File \"|^  <no Python frame>")
+    PART = re.compile(START.pattern + r"|^Fatal Python error: Aborted|^\s*$|^(Current thread|Thread) 0x[0-9a-f]+ "
+                      r"|^  File \"|^  <no Python frame>")
     LAST = "Extension modules: "   # faulthandler's last line
 
     def __init__(self):
@@ -223,9 +223,9 @@ def hide_ray_component_logs() -> None:
     """Drop Ray's own C++ log lines (e.g. an actor killed twice at shutdown, logged as an error), the
     raylet's worker start-up warning, and what the workers of an early-stopped trial print while
     they are torn down (a SIGTERM stack dump, the data coordinator's ``ActorDiedError``, the SIGTERM
-    handler's ``SystemExit`` noted during garbage collection), and collapse a worker's abort dump
-    into one line (``WorkerAbortDumps``), in what the cluster sends to this
-    driver (worker logs and errors pushed to the driver); the job's own output, other Python
+    handler's ``SystemExit`` noted during garbage collection) from what the cluster sends to this
+    driver (worker logs and errors pushed to the driver), and shorten a worker's abort dump to one
+    line (``WorkerAbortDumps``); the job's own output, other Python
     tracebacks and the raylet's other messages (e.g. OOM kills) pass. Wraps Ray's private
     ``print_to_stdstream`` (Ray is pinned < 2.61; if it moves, nothing is filtered); call before
     ``ray.init``, which binds it."""
