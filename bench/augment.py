@@ -8,7 +8,7 @@ upscaled to each size (the decoded size is 8/7 of the resolution, as data.decode
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from raypipe import data as D
-from raypipe.augment import BatchViews, moco_views
+from raypipe.transforms import BatchViews, MocoView, make_views
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: bench.record
+from bench.record import default_out, write_record  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-50" / "train"
 
@@ -44,21 +47,22 @@ def main():
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="bench/augment.json")
+    p.add_argument("--out", default=default_out(__file__))
     args = p.parse_args()
     torch.set_num_threads(1)   # per core: each Ray Data task holds a fraction of one core
     rows = []
     for res in args.sizes:
         decoded = images_at(round(res * 8 / 7), args.images)
         batch = {"img": decoded, "label": np.zeros(len(decoded)), "idx": np.arange(len(decoded))}
-        cpu = best_rate(lambda: D.augment_two_views(batch, res), len(decoded), args.repeats)
-        views = BatchViews(("view1", "view2"), torch.device("cpu"), False, moco_views(res))
+        recipes = [MocoView(res)] * 2
+        cpu = best_rate(lambda: make_views(batch, recipes), len(decoded), args.repeats)
+        views = BatchViews(recipes, torch.device("cpu"), False, on_device=True)
         tensor_batch = {"img": torch.from_numpy(decoded)}
         device = best_rate(lambda: views(tensor_batch), len(decoded), args.repeats)
         rows.append({"resolution": res, "per_image_cpu": cpu, "batched_kornia_cpu": device, "ratio": device / cpu})
         print(f"{res:>4} px two views: per-image torchvision {cpu:7.1f} img/s/core, batched kornia on CPU "
               f"{device:7.1f} img/s/core -> {device / cpu:.2f}x", flush=True)
-    Path(args.out).write_text(json.dumps(rows, indent=2))
+    write_record(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark: the MoCo v2 two-view augmentation path, Ray Data (raypipe) vs a torch DataLoader.
 
-Same folder, same torchvision v2 transforms (raypipe.data.moco_view_transform), same decode
+Same folder, same torchvision v2 transforms (raypipe.transforms.MocoView(...).cpu()), same decode
 (raypipe.data.decode_square), same number of worker processes, same batch size, in one run.
 The DataLoader decodes every epoch (the obvious alternative); raypipe decodes once into Ray's
 object store and re-runs only the augmentation each epoch. Reported: images/s of the first
@@ -11,7 +11,7 @@ object store and re-runs only the augmentation each epoch. Reported: images/s of
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
@@ -19,13 +19,17 @@ import torch
 
 from raypipe import data as D
 from raypipe.config import load_config
+from raypipe.transforms import MocoView
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: bench.record
+from bench.record import default_out, write_record  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-50"
 
 
 class FolderTwoViews(torch.utils.data.Dataset):
     def __init__(self, paths, size, resolution):
-        self.paths, self.size, self.t = paths, size, D.moco_view_transform(resolution)
+        self.paths, self.size, self.t = paths, size, MocoView(resolution).cpu()
 
     def __len__(self):
         return len(self.paths)
@@ -54,11 +58,11 @@ def bench_ray(root, split, size, resolution, workers, epochs, batch):
     rates = []
     start = time.perf_counter()
     decoded = D.decode_split(D.scan_split(root, split), cfg)       # cold epoch includes the decode
-    ds = D.with_view(decoded, "moco", cfg, shuffle=True)
+    ds = D.with_views(decoded, [MocoView(resolution)] * 2, cfg)
     for e in range(epochs):
         n = 0
         for b in ds.iter_torch_batches(batch_size=batch):
-            n += b["view1"].shape[0]
+            n += b["view0"].shape[0]
         rates.append(n / (time.perf_counter() - start))
         start = time.perf_counter()
     return rates
@@ -71,7 +75,7 @@ def main():
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--demo-per-class", type=int, default=50, help="demo images per class (10 classes)")
-    p.add_argument("--out", default="bench/data_path.json")
+    p.add_argument("--out", default=default_out(__file__))
     args = p.parse_args()
     from raypipe.demo import make_demo_data
     from raypipe.cluster import ensure_ray
@@ -98,7 +102,7 @@ def main():
         print(f"{name}: DataLoader {dl[0]:.0f} / {steady_dl:.0f} img/s (cold / steady), "
               f"Ray Data {rd[0]:.0f} / {steady_rd:.0f} img/s -> ratio cold {row['cold_ratio']:.2f}x, "
               f"steady {row['steady_ratio']:.2f}x", flush=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    write_record(args.out, {"args": vars(args), "results": results})
 
 
 if __name__ == "__main__":

@@ -14,21 +14,22 @@ workers' own share is known, the rest went to Ray Data's tasks. Reported: images
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from raypipe import plugins
-from raypipe.checkpoints import final_state
+from raypipe import teacher
 from raypipe.cluster import ensure_ray
 from raypipe.config import load_config
-from raypipe.data import decode_split, scan_dataset, with_view
-from raypipe.phase import prepare_run, run_trainer
-from raypipe.teacher import train_loop
+from raypipe.data import decode_split, scan_dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: bench.record
+from bench.loops import fit_on_ray_train, phase1_datasets  # noqa: E402
+from bench.record import default_out, write_record  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-50"
 
@@ -58,24 +59,11 @@ class CpuSampler:
 
 
 def run_one(cfg, feed: str, decoded, index, epochs: int) -> dict:
-    t = cfg.teacher
-    if feed == "premade":
-        train = with_view(decoded["train"], "moco", cfg.data, min_scale=t.crop_min_scale,
-                          blur_prob=t.blur_prob).materialize()
-    elif feed == "cpu":
-        train = with_view(decoded["train"], "moco", cfg.data, shuffle=True, min_scale=t.crop_min_scale,
-                          blur_prob=t.blur_prob)
-    else:
-        train = with_view(decoded["train"], "decoded", cfg.data, shuffle=True)
-    datasets = {"train": train, "bank": with_view(decoded["train"], "eval", cfg.data),
-                "val": with_view(decoded["val"], "eval", cfg.data)}
+    datasets = phase1_datasets(cfg, decoded, on_device=feed == "device", premade=feed == "premade")
     meta = {"n_train": decoded["train"].count, "num_classes": len(index["train"].classes), "print_epochs": False,
             "device_views": feed == "device"}
-    run = prepare_run(cfg)
     with CpuSampler() as cpus:
-        result = run_trainer(train_loop, cfg, {"cfg": cfg.to_dict(), "meta": meta, "plugins": plugins.selected(cfg)},
-                             datasets, run)
-    history = final_state(result)["history"]
+        history = fit_on_ray_train(cfg, teacher.run, meta, datasets)
     res = cfg.resources
     train_cpus = res.num_workers * res.cpus_per_worker
     return {"images_per_s": float(np.mean([h["images_per_s"] for h in history[1:]])),
@@ -88,7 +76,7 @@ def main():
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1])
     p.add_argument("--nodes", type=int, default=1, help="simulated nodes of 1 CPU each (ray.cluster_utils)")
     p.add_argument("--config", default="experiments/configs/cifar10_50/base.yaml")
-    p.add_argument("--out", default="bench/phase1_feed.json")
+    p.add_argument("--out", default=default_out(__file__))
     args = p.parse_args()
     cluster = None
     if args.nodes > 1:
@@ -119,7 +107,7 @@ def main():
             print(f"{args.nodes} node(s), {workers} Train worker(s), {feed:>7}: {row['images_per_s']:6.1f} images/s "
                   f"({row['images_per_s'] / ref:.2f}x premade), Ray CPUs held {row['ray_cpus_held']:.2f} "
                   f"(Train {row['train_cpus']:.1f}, data ~{row['data_cpus']:.2f})", flush=True)
-    Path(args.out).write_text(json.dumps({"nodes": args.nodes, **rows}, indent=2))
+    write_record(args.out, {"nodes": args.nodes, **rows})
     if cluster is not None:
         import ray
         ray.shutdown()

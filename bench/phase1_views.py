@@ -9,8 +9,8 @@ alternating, and the second run of each counts (the first warms Ray's workers).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +18,10 @@ import pandas as pd
 
 from raypipe.cluster import ensure_ray
 from raypipe.config import load_config
-from raypipe.teacher import pretrain
+from raypipe.phase import pretrain
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: bench.record
+from bench.record import default_out, write_record  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-50"
 
@@ -27,7 +30,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--config", default="experiments/configs/cifar10_50/base.yaml")
-    p.add_argument("--out", default="bench/phase1_views.json")
+    p.add_argument("--out", default=default_out(__file__))
     args = p.parse_args()
     ensure_ray(num_cpus=2)
     out_dir = Path("/tmp/raypipe_bench_views")
@@ -48,7 +51,7 @@ def main():
               f"{wall:.0f} s for {args.epochs} epochs incl. start-up", flush=True)
     ratio = rows["device"]["images_per_s"] / rows["cpu"]["images_per_s"]
     print(f"device / cpu: {ratio:.2f}x images/s, {rows['cpu']['wall_s'] / rows['device']['wall_s']:.2f}x wall")
-    Path(args.out).write_text(json.dumps({**rows, "ratio": ratio}, indent=2))
+    write_record(args.out, {**rows, "ratio": ratio})
 
 
 if __name__ == "__main__":

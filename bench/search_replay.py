@@ -14,8 +14,8 @@ the compute TPE + ASHA needs to reach the best that random search reaches with i
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,22 +26,22 @@ from raypipe.config import Config, get_dotted, load_config
 from raypipe.search import make_scheduler, make_searcher, param_space, teacher_space
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repository: bench.record, experiments
+from bench.record import default_out, write_record  # noqa: E402
+from experiments.search_bench import COLUMNS, SPACE  # noqa: E402  (the table's space: it made the table)
+
 TABLE = ROOT / "bench" / "search"
 METRIC = "knn_top1"
 
 
-def _table_design():
-    """experiments/search_bench.py, which made the table and holds its space."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("search_bench", ROOT / "experiments" / "search_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # the benchmark's space = the main job's (tune.* defaults) with teacher.lr searched over the table's range
-BENCH_OVERRIDES = {"tune.lr_range": list(_table_design().SPACE["teacher.lr"][1:])}
-LOG_KEYS = ("teacher.temperature", "teacher.queue_size", "teacher.lr")
+BENCH_OVERRIDES = {"tune.lr_range": list(SPACE["teacher.lr"][1:])}
+LOG_KEYS = ("teacher.temperature", "teacher.queue_size", "teacher.lr")   # the table's columns
+
+
+def table_point(config: dict) -> dict:
+    """A (nested) config's values of the searched keys, at the table's column names."""
+    return {column: get_dotted(config, key) for key, column in COLUMNS.items()}
 
 
 class Table:
@@ -96,7 +96,7 @@ def replay(method: str, seed: int, cfg: Config, table: Table, budget: int, concu
             trial = SimpleNamespace(trial_id=f"t{n:04d}")
             n += 1
             suggested = searcher.suggest(trial.trial_id)
-            cid = table.nearest({k: get_dotted(suggested, k) for k in table.keys})
+            cid = table.nearest(table_point(suggested))
             if scheduler is not None:
                 scheduler.on_trial_add(None, trial)
             running[trial.trial_id] = {"trial": trial, "cid": cid, "curve": table.curves[cid], "epoch": 0,
@@ -270,7 +270,7 @@ def main():
     p.add_argument("--grace-periods", type=int, nargs="*", default=[],
                    help="also replay tpe+asha with these grace periods (x reduction factors below)")
     p.add_argument("--reduction-factors", type=int, nargs="*", default=[2])
-    p.add_argument("--out", default=str(TABLE / "replay.json"))
+    p.add_argument("--out", default=default_out(__file__))
     p.add_argument("--plot", default=str(ROOT / "docs" / "search_replay.png"))
     args = p.parse_args()
     import logging
@@ -304,8 +304,7 @@ def main():
     summary = {"configurations": len(table.curves), "budget_epochs": budget, "target": target,
                "table_best": float(max(c.max() for c in table.curves.values())),
                "table_best_plateau": float(max(table.plateau.values())),
-               "start_point_best": float(table.curves[table.nearest(
-                   {k: get_dotted(cfg.to_dict(), k) for k in keys})].max()),
+               "start_point_best": float(table.curves[table.nearest(table_point(cfg.to_dict()))].max()),
                "knn_every": cfg.teacher.knn_every, "concurrency": args.concurrency, "seeds": args.seeds,
                "methods": {}}
     for name, traces in runs.items():
@@ -331,7 +330,7 @@ def main():
     earlier = TABLE / "students_earlier.csv"
     summary["correlations"] = correlations(table, pd.read_csv(students) if students.exists() else None,
                                            pd.read_csv(earlier) if earlier.exists() else None)
-    Path(args.out).write_text(json.dumps(summary, indent=2))
+    write_record(args.out, summary)
     if args.plot:
         import matplotlib
         matplotlib.use("Agg")

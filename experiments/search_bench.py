@@ -3,10 +3,11 @@ of configurations on CIFAR-10 x 50 per class, each with its k-NN curve (every ep
 for the first ``--students`` of them the phase-2 student distilled from the teacher's best epoch
 (val top-1 per epoch). Searchers are then replayed on the stored curves (bench/search_replay.py).
 
-The runs use the phases' own modules and steps (``MoCoMargin.training_step``, ``OFD.training_step``),
-lr schedule, optimizer step, k-NN and validation, in a plain loop per process (no Ray: it runs on a
-GPU machine without it, many configurations at once), views made per batch on the device
-(``data.augment_on: device``), fp32. The recipe is experiments/configs/cifar10_50/{base,distill}.yaml.
+The runs are the phases' own worker loops (``raypipe.teacher.run``, ``raypipe.student.run``) over a
+``raypipe.loop.MemorySession`` per process (no Ray: it runs on a GPU machine without it, many
+configurations at once), fed whole batches of the packed uint8 images in a fresh order every
+epoch, views made per batch on the device (``meta["device_views"]``), fp32. The recipe is
+experiments/configs/cifar10_50/{base,distill}.yaml, with the k-NN monitor every epoch.
 
     python experiments/search_bench.py pack ../shared/data/cifar10-50 --out runs/cifar10_50.npz
     python experiments/search_bench.py generate --arrays runs/cifar10_50.npz --configs 48 --students 16 \\
@@ -30,26 +31,29 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from raypipe.augment import BatchViews, moco_views, supervised_view  # noqa: E402
-from raypipe.config import Config, load_config  # noqa: E402
-from raypipe.data import center_crop, decode_square, scan_split  # noqa: E402
-from raypipe.evaluate import backbone_features, gather_outputs, knn_top1  # noqa: E402
-from raypipe.loop import Runtime, lr_at, make_sgd, optimizer_step, scaled_lr, set_lr  # noqa: E402
-from raypipe.student import build_distiller, mixed_batch, validate_top  # noqa: E402
-from raypipe.teacher import build_method  # noqa: E402
+from raypipe import student, teacher  # noqa: E402
+from raypipe.config import Config, get_dotted, load_config  # noqa: E402
+from raypipe.data import decode_square, scan_split  # noqa: E402
+from raypipe.loop import MemorySession, Runtime  # noqa: E402
+from raypipe.transforms import center_crop  # noqa: E402
 
 CONFIGS = ROOT / "experiments" / "configs" / "cifar10_50"
 TABLE = ROOT / "bench" / "search"
 # The searched space: the main job's (raypipe.search.teacher_space with the defaults of tune.*),
 # plus teacher.lr over 1/4..4x the recipe's. Index 0 is the recipe itself (the search's start point).
-SPACE = {"teacher.margin": ("uniform", 0.0, 0.8), "teacher.temperature": ("log", 0.07, 0.5),
-         "teacher.queue_size": ("choice", 32, 64, 128, 256, 480), "teacher.lr": ("log", 0.06, 0.96)}
+SPACE = {"teacher.moco.margin": ("uniform", 0.0, 0.8), "teacher.moco.temperature": ("log", 0.07, 0.5),
+         "teacher.moco.queue_size": ("choice", 32, 64, 128, 256, 480), "teacher.lr": ("log", 0.06, 0.96)}
+# The tables' columns of the searched keys (named before MoCo's settings moved to teacher.moco).
+COLUMNS = {"teacher.moco.margin": "teacher.margin", "teacher.moco.temperature": "teacher.temperature",
+           "teacher.moco.queue_size": "teacher.queue_size", "teacher.lr": "teacher.lr"}
+# fp32, the k-NN curve every epoch: what the table holds
+RUN_OVERRIDES = {"teacher.knn_every": 1, "resources.amp": "off", "resources.channels_last": False}
 
 
 def design(n: int, seed: int = 0) -> list[dict]:
     """The recipe's point, then ``n - 1`` scrambled-Sobol points of SPACE."""
-    base = load_config(CONFIGS / "base.yaml")
-    points = [{k: getattr(base.teacher, k.split(".")[1]) for k in SPACE}]
+    base = load_config(CONFIGS / "base.yaml").to_dict()
+    points = [{k: get_dotted(base, k) for k in SPACE}]
     sobol = torch.quasirandom.SobolEngine(len(SPACE), scramble=True, seed=seed).draw(max(0, n - 1)).double()
     for u in sobol.tolist():
         point = {}
@@ -76,20 +80,29 @@ def pack(data_root: str, out: str, size: int = 36) -> None:
     print(f"{out}: " + ", ".join(f"{k} {v.shape}" for k, v in arrays.items()))
 
 
-def train_plain(model, opt, rt: Runtime, n_train: int, step, end_epoch, frozen=lambda epoch: ()) -> None:
-    """The phases' schedule in a plain loop: per-step lr, SGD, ``opt.epochs`` epochs of whole batches."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    base_lr = scaled_lr(opt, 1)
-    optimizer, scaler = make_sgd(params, opt, base_lr), rt.scaler()
-    steps = n_train // opt.batch_size
-    for epoch in range(opt.epochs):
-        model.train()
-        order = torch.randperm(n_train, device=rt.device)
-        for i in range(steps):
-            set_lr(optimizer, lr_at(opt, base_lr, epoch + i / steps))
-            loss = step(order[i * opt.batch_size:(i + 1) * opt.batch_size], epoch)
-            optimizer_step(loss, optimizer, scaler, params, opt.grad_clip, frozen(epoch))
-        end_epoch(epoch)
+class TimedSession(MemorySession):
+    """A MemorySession whose reports also carry ``seconds``: since the first training batch."""
+
+    start: float | None = None
+
+    def batches(self, split: str, batch_size: int, shuffle_buffer: int = 0):
+        if split == "train" and self.start is None:
+            self.start = time.perf_counter()
+        return super().batches(split, batch_size, shuffle_buffer)
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        super().report({**metrics, "seconds": time.perf_counter() - self.start}, state)
+
+
+def train_batches(data: dict, batch_size: int):
+    """Each call: one epoch of whole batches of the decoded training images (NHWC uint8), in a fresh order."""
+    def epoch():
+        n = len(data["train_label"])
+        order = torch.randperm(n, device=data["train_label"].device)
+        for i in range(n // batch_size):
+            rows = order[i * batch_size:(i + 1) * batch_size]
+            yield {"img": data["train_img"][rows], "label": data["train_label"][rows], "idx": rows}
+    return epoch
 
 
 def eval_batches(images: torch.Tensor, labels: torch.Tensor, resolution: int, batch: int = 250):
@@ -98,59 +111,41 @@ def eval_batches(images: torch.Tensor, labels: torch.Tensor, resolution: int, ba
              "idx": torch.arange(i, min(i + batch, len(labels)))} for i in range(0, len(labels), batch)]
 
 
-def run_teacher(cfg: Config, data: dict, rt: Runtime) -> tuple[list[dict], dict]:
-    t = cfg.teacher
-    method = build_method(cfg)
-    model = method.model.to(rt.device)
-    views = BatchViews(("view1", "view2"), rt.device, False, moco_views(cfg.data.resolution, t.crop_min_scale,
-                                                                         t.blur_prob))
-    bank, val = (eval_batches(data[f"{s}_img"], data[f"{s}_label"], cfg.data.resolution) for s in ("train", "val"))
-    curve, best, start = [], {"knn_top1": -1.0}, time.perf_counter()
-
-    def step(rows, epoch):
-        v1, v2 = views({"img": data["train_img"][rows]})
-        return method.training_step(model, v1, v2, rt)[0]
-
-    @torch.no_grad()
-    def end_epoch(epoch):
-        model.eval()
-        fn = backbone_features(method.backbone)
-        b, v = gather_outputs(fn, bank, rt.device), gather_outputs(fn, val, rt.device)
-        knn = knn_top1(b["out"], b["label"], v["out"], v["label"], t.knn_k, t.knn_t, 10)
-        curve.append({"epoch": epoch + 1, "knn_top1": knn, "seconds": time.perf_counter() - start})
-        if knn > best["knn_top1"]:
-            best.update(knn_top1=knn, epoch=epoch + 1,
-                        state={k: x.detach().clone() for k, x in method.backbone.state_dict().items()})
-
-    train_plain(model, t, rt, len(data["train_label"]), step, end_epoch)
-    return curve, best
+def run_meta(data: dict, score_metric: str, **more) -> dict:
+    labels = data["train_label"]
+    return {"n_train": len(labels), "num_classes": int(labels.max()) + 1, "print_epochs": False,
+            "score_metric": score_metric, "device_views": True, **more}
 
 
-def run_student(cfg: Config, data: dict, rt: Runtime, teacher_state: dict, test: bool = False) -> list[dict]:
-    """Val top-1 per epoch; with ``test``, the final model's test top-1 on the last row (held out from
-    every choice made on val)."""
-    s = cfg.student
-    distiller = build_distiller(cfg, 10, teacher_state)
-    student = distiller.student.to(rt.device)
-    distiller.teacher.to(rt.device)
-    views = BatchViews(("image",), rt.device, False, supervised_view(cfg.data.resolution, s.crop_min_scale))
-    val = eval_batches(data["val_img"], data["val_label"], cfg.data.resolution)
-    curve, start = [], time.perf_counter()
+def run_teacher(cfg: Config, data: dict, device: torch.device) -> tuple[list[dict], dict]:
+    """Phase 1's loop: the k-NN curve (epochs from 1) and the best epoch's backbone weights."""
+    res = cfg.data.resolution
+    session = TimedSession({"train": train_batches(data, cfg.teacher.batch_size),
+                            "bank": eval_batches(data["train_img"], data["train_label"], res),
+                            "val": eval_batches(data["val_img"], data["val_label"], res)}, device)
+    teacher.run(cfg, run_meta(data, "knn_top1"), session)
+    curve = [{"epoch": r["epoch"] + 1, "knn_top1": r["knn_top1"], "seconds": r["seconds"]} for r in session.reports]
+    best = session.state["best"]
+    method = teacher.build_method(cfg)
+    method.model.load_state_dict(best["model"])
+    return curve, {"knn_top1": best["score"], "epoch": best["epoch"] + 1, "state": method.backbone.state_dict()}
 
-    def step(rows, epoch):
-        distiller.train()
-        (x,) = views({"img": data["train_img"][rows]})
-        x, ce = mixed_batch(x, data["train_label"][rows], cfg)
-        return distiller.training_step(student, x, ce, epoch, rt)[0]
 
-    def end_epoch(epoch):
-        top1, _, _ = validate_top(distiller, rt, val)
-        curve.append({"epoch": epoch + 1, "val_top1": top1, "seconds": time.perf_counter() - start})
-
-    train_plain(student, s, rt, len(data["train_label"]), step, end_epoch, distiller.frozen_parameters)
+def run_student(cfg: Config, data: dict, device: torch.device, teacher_state: dict, test: bool = False) -> list[dict]:
+    """Phase 2's loop: val top-1 per epoch; with ``test``, the final model's test top-1 on the last row
+    (held out from every choice made on val)."""
+    res = cfg.data.resolution
+    session = TimedSession({"train": train_batches(data, cfg.student.batch_size),
+                            "val": eval_batches(data["val_img"], data["val_label"], res)}, device)
+    meta = run_meta(data, "val_top1", teacher=teacher_state)
+    student.run(cfg, meta, session)
+    curve = [{"epoch": r["epoch"] + 1, "val_top1": r["val_top1"], "seconds": r["seconds"]} for r in session.reports]
     if test:
-        curve[-1]["test_top1"] = validate_top(distiller, rt, eval_batches(data["test_img"], data["test_label"],
-                                                                           cfg.data.resolution))[0]
+        final = student.build_distiller(cfg, meta["num_classes"], teacher_state)
+        final.student.load_state_dict(session.state["model"])
+        final.student.to(device)
+        test_set = eval_batches(data["test_img"], data["test_label"], res)
+        curve[-1]["test_top1"] = student.validate_top(final, Runtime(device, None, False, 1, 0), test_set)[0]
     return curve
 
 
@@ -173,34 +168,32 @@ def run_config(job: tuple) -> str:
     cid, point, with_student, arrays, runs, epochs, student_epochs, student_seed, test = job
     torch.set_num_threads(1)
     out = Path(runs)
-    overrides = {**point, "teacher.seed": cid, "student.seed": cid + 1000 * student_seed}
+    overrides = {**RUN_OVERRIDES, **point, "teacher.seed": cid, "student.seed": cid + 1000 * student_seed}
     if epochs:
         overrides["teacher.epochs"] = epochs
     if student_epochs:
         overrides["student.epochs"] = student_epochs
     cfg = load_config(CONFIGS / "distill.yaml", overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(cid)
-    rt = Runtime(device, None, False, 1, 0)
     loaded = np.load(arrays)
     data = {k: torch.from_numpy(loaded[k]).to(device) for k in loaded.files}
     teacher_file, weights = out / f"teacher_{cid:03d}.csv", out / f"teacher_{cid:03d}.pt"
     student_csv = student_file(out, cid, student_seed)
     want_student = with_student and not (student_csv.exists() and (not test or has_test(student_csv)))
+    columns = {COLUMNS[k]: v for k, v in point.items()}
     if not teacher_file.exists() or (want_student and not weights.exists()):
         # a student needs its teacher's weights: where only the curve was kept (a run elsewhere),
         # the teacher is trained again and its own best k-NN goes with the student's row
-        curve, best = run_teacher(cfg, data, rt)
+        curve, best = run_teacher(cfg, data, device)
         torch.save({"state": best["state"], "knn_top1": best["knn_top1"], "epoch": best["epoch"]}, weights)
         if not teacher_file.exists():
-            write_atomic(pd.DataFrame([{"config": cid, **point, **row} for row in curve]), teacher_file)
+            write_atomic(pd.DataFrame([{"config": cid, **columns, **row} for row in curve]), teacher_file)
     if want_student:
-        torch.manual_seed(cfg.student.seed)  # the student's own stream, whether or not a teacher was trained first
-        teacher = torch.load(weights, map_location=device)
-        curve = run_student(cfg, data, rt, teacher["state"], test)
+        teacher_weights = torch.load(weights, map_location=device)
+        curve = run_student(cfg, data, device, teacher_weights["state"], test)
         write_atomic(pd.DataFrame([{"config": cid, "student_seed": student_seed,
-                                    "teacher_knn_top1": teacher["knn_top1"], "teacher_epoch": teacher["epoch"],
-                                    **row} for row in curve]), student_csv)
+                                    "teacher_knn_top1": teacher_weights["knn_top1"],
+                                    "teacher_epoch": teacher_weights["epoch"], **row} for row in curve]), student_csv)
     return f"config {cid:3d}" + (f" student seed {student_seed}" if student_seed else "") + f" done ({device.type})"
 
 

@@ -7,7 +7,10 @@ import sys
 
 import yaml
 
-from .config import AVERAGES, PROBE_LRS, ConfigError, load_config, parse_overrides, set_verbose
+from .config import load_config, parse_args_with_overrides, parse_overrides
+from .console import set_verbose
+from .errors import USER_ERRORS, ConfigError
+from .settings import AVERAGES, PROBE_LRS
 
 # torch, Ray and the phase modules are imported by the commands that use them: `--help` stays fast.
 
@@ -58,7 +61,7 @@ def cmd_config(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from .teacher import pretrain
+    from .phase import pretrain
     cfg = _load(args, {"name": args.name})
     final = pretrain(cfg)
     print(json.dumps({k: final[k] for k in ("epochs", "loss", "knn_top1", "best_knn_top1", "teacher",
@@ -66,7 +69,7 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    from .student import train_student
+    from .phase import train_student
     cfg = _load(args, {"student.mode": args.mode, "name": args.name})
     final = train_student(cfg, args.teacher)
     print(json.dumps({k: final[k] for k in ("phase", "epochs", "val_top1", "best_val_top1", "model",
@@ -199,17 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Like ``parse_args``, but ``key=value`` overrides may stand anywhere on the line."""
-    args, unknown = parser.parse_known_args(argv)
-    stray = [u for u in unknown if u.startswith("-") or "=" not in u or not hasattr(args, "overrides")]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    if unknown:
-        args.overrides = [*args.overrides, *unknown]
-    return args
-
-
 def version() -> str:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as dist_version
@@ -224,15 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["tune"]:  # hand every remaining argument (--help included) to the main job
         from .tune import cli_main
         return cli_main(argv[1:])
-    args = parse_args(build_parser(), argv)
+    args = parse_args_with_overrides(build_parser(), argv)
     if getattr(args, "verbose", False):
         set_verbose(True)
-    from .data import DataError
-    from .checkpoints import CheckpointError
     try:
         args.fn(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError) as exc:   # the OSErrors name their path
+    except USER_ERRORS as exc:
         print(f"raypipe {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -8,39 +8,31 @@ Layouts read:
 Class index = position in the sorted class names (torchvision ImageFolder / VIPriors CSV).
 
 Images are decoded, converted to RGB and resized to a square ``stored_size`` once, then
-materialised in Ray's object store; augmentation runs after that in ``map_batches`` so
-every epoch sees fresh random views without decoding again. Augmented views leave the CPU
-workers as uint8 (4x less traffic than float); ``normalize`` makes them floats on the
-training device.
+materialised in Ray's object store; the views the plug-in asks for (``raypipe.transforms``) are
+made after that in ``map_batches``, so every epoch sees fresh random views without decoding
+again. Views leave the CPU workers as uint8 (4x less traffic than float); ``normalize`` makes
+them floats on the training device.
 """
 from __future__ import annotations
 
 import io
-import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps
 
 from . import storage
-from .config import DataConfig
+from .errors import DataError
+from .settings import DataConfig
 from .storage import join
+from .transforms import eval_ten_crop, eval_view, make_views
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey image
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif"}
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 UNLABELLED = -1
-
-
-class DataError(ValueError):
-    """The data set's layout is unusable (missing path, empty split, class mismatch...)."""
-
 
 # ---- sources ----------------------------------------------------------------------
 @dataclass
@@ -282,115 +274,26 @@ def decode_split(index: SplitIndex, cfg: DataConfig) -> DecodedSplit:
     return DecodedSplit(index.split, index.classes, good, count, skipped)
 
 
-# ---- augmentation (torchvision v2) --------------------------------------------------
-def blur_kernel(resolution: int) -> int:
-    """Gaussian blur kernel of the MoCo v2 views: ~10% of the image side, odd, >= 3."""
-    return max(3, int(0.1 * resolution) // 2 * 2 + 1)
+# ---- views (every epoch) ----------------------------------------------------------
+EVAL_VIEWS = {"eval": eval_view, "ten_crop": eval_ten_crop}   # deterministic: computed once
 
 
-def moco_view_transform(resolution: int, min_scale: float = 0.2, blur_prob: float = 0.5):
-    """MoCo v2 "aug+" on a uint8 CHW tensor (its defaults: crop scale (0.2, 1), blur p 0.5)."""
-    from torchvision.transforms import v2
-
-    return v2.Compose([
-        v2.RandomResizedCrop(resolution, scale=(min_scale, 1.0), antialias=True),
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-        v2.RandomApply([v2.GaussianBlur(blur_kernel(resolution), sigma=(0.1, 2.0))], p=blur_prob),
-        v2.RandomHorizontalFlip(),
-    ])
-
-
-def supervised_transform(resolution: int, autoaugment: str = "none", min_scale: float = 0.08):
-    from torchvision.transforms import v2
-
-    steps = [v2.RandomResizedCrop(resolution, scale=(min_scale, 1.0), antialias=True),
-             v2.RandomHorizontalFlip()]
-    if autoaugment != "none":
-        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy(autoaugment)))
-    return v2.Compose(steps)
-
-
-def center_crop(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    from torchvision.transforms.v2 import functional as F
-
-    return F.center_crop(images, [resolution, resolution])
-
-
-def ten_crop(image: torch.Tensor, resolution: int) -> torch.Tensor:
-    """(C,H,W) -> (10,C,r,r): 4 corners + centre (tl, tr, bl, br, c), then the flip of each."""
-    from torchvision.transforms.v2 import functional as F
-
-    five = list(F.five_crop(image, [resolution, resolution]))
-    return torch.stack(five + [F.horizontal_flip(c) for c in five])
-
-
-def _fresh_rng() -> None:
-    # Ray Data reuses worker processes and forks them with equal RNG states: reseed from the OS
-    # so views differ across batches, workers and epochs.
-    torch.manual_seed(int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
-
-
-def _chw(batch_img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(batch_img, copy=True)).permute(0, 3, 1, 2)
-
-
-def augment_two_views(batch: dict, resolution: int, min_scale: float = 0.2, blur_prob: float = 0.5) -> dict:
-    _fresh_rng()
-    t = moco_view_transform(resolution, min_scale, blur_prob)
-    images = _chw(batch["img"])
-    v1 = torch.stack([t(im) for im in images])
-    v2_ = torch.stack([t(im) for im in images])
-    return {"view1": v1.numpy(), "view2": v2_.numpy(), "label": batch["label"], "idx": batch["idx"]}
-
-
-def augment_supervised(batch: dict, resolution: int, autoaugment: str, min_scale: float) -> dict:
-    _fresh_rng()
-    t = supervised_transform(resolution, autoaugment, min_scale)
-    images = _chw(batch["img"])
-    return {"image": torch.stack([t(im) for im in images]).numpy(), "label": batch["label"],
-            "idx": batch["idx"]}
-
-
-def eval_view(batch: dict, resolution: int) -> dict:
-    return {"image": center_crop(_chw(batch["img"]), resolution).numpy(), "label": batch["label"],
-            "idx": batch["idx"]}
-
-
-def eval_ten_crop(batch: dict, resolution: int) -> dict:
-    views = torch.stack([ten_crop(im, resolution) for im in _chw(batch["img"])])
-    return {"views": views.numpy(), "label": batch["label"], "idx": batch["idx"]}
-
-
-VIEWS: dict[str, Callable] = {
-    "moco": augment_two_views,
-    "supervised": augment_supervised,
-    "eval": eval_view,
-    "ten_crop": eval_ten_crop,
-}
-
-
-DETERMINISTIC_VIEWS = ("eval", "ten_crop")
-
-
-def with_view(decoded: DecodedSplit, view: str, cfg: DataConfig, shuffle: bool = False, **kwargs):
-    """The Ray Data dataset of one view over a decoded split (re-executed every epoch); view
-    ``decoded``: the decoded uint8 images as they are, for views made on the training device."""
-    ds = decoded.dataset.randomize_block_order() if shuffle else decoded.dataset
-    if view == "decoded":
+def with_views(decoded: DecodedSplit, recipes: list, cfg: DataConfig, on_device: bool = False):
+    """The training views of a decoded split, re-made every epoch from a shuffled block order: one
+    uint8 column per recipe, made by Ray Data CPU tasks; ``on_device``: the decoded images as they
+    are (``img``), for the training device to make the views (``transforms.BatchViews``)."""
+    ds = decoded.dataset.randomize_block_order()
+    if on_device:
         return ds.select_columns(["img", "label", "idx"])
-    ds = ds.map_batches(VIEWS[view], fn_kwargs={"resolution": cfg.resolution, **kwargs},
-                        batch_format="numpy", batch_size=cfg.aug_batch_size, num_cpus=cfg.cpus_per_task)
-    # Deterministic views are computed once; random ones re-run every epoch (fresh views).
-    return ds.materialize() if view in DETERMINISTIC_VIEWS else ds
+    return ds.map_batches(make_views, fn_kwargs={"recipes": list(recipes)}, batch_format="numpy",
+                          batch_size=cfg.aug_batch_size, num_cpus=cfg.cpus_per_task)
 
 
-def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 (N,3,H,W) on any device -> normalised float32."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
-    out = (images.float() - mean) / std
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+def eval_dataset(decoded: DecodedSplit, cfg: DataConfig, view: str = "eval"):
+    """The centre-crop (``eval``) or ``ten_crop`` view of a decoded split, computed once."""
+    return decoded.dataset.map_batches(EVAL_VIEWS[view], fn_kwargs={"resolution": cfg.resolution},
+                                       batch_format="numpy", batch_size=cfg.aug_batch_size,
+                                       num_cpus=cfg.cpus_per_task).materialize()
 
 
 # ---- conversion -------------------------------------------------------------------

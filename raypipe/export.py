@@ -9,15 +9,15 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
-from .data import MEAN, STD
+from .errors import ConfigError
+from .checkpoints import load_exported
+from .transforms import MEAN, STD
 from .models import payload_arch
 from .storage import Outputs
 
 
 def export_model(model_path: str, out_dir: str | Path, onnx: bool = True) -> dict[str, str]:
     """Write ``<name>.state_dict.pt``, ``<name>.json`` and (classifiers, ``onnx``) ``<name>.onnx``."""
-    from .student import load_exported
 
     net, payload = load_exported(model_path, kind=None)  # read once, whichever kind it holds
     kind = payload["kind"]

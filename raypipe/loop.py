@@ -1,5 +1,7 @@
-"""The worker side both phases share: device/AMP runtime, DDP, SGD and the lr schedule, the
-epoch loop's state (resume, report, checkpoint), per-epoch metrics and the run's metrics files."""
+"""The worker side both phases share, free of Ray: device/AMP runtime, DDP, SGD and the lr
+schedule, the epoch loop's state (resume, report, checkpoint) over a ``Session`` that supplies
+batches and takes reports, per-epoch metrics and the run's metrics files. ``raypipe.raytrain``
+binds a Session to Ray Train; ``MemorySession`` runs the same loop in a plain process."""
 from __future__ import annotations
 
 import contextlib
@@ -8,14 +10,15 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from typing import Iterable, Protocol
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from . import dist
-from .checkpoints import load_resume_state, report_epoch, rng_state, set_rng_state
-from .config import Config, OptimConfig, ResourcesConfig, verbose
+from . import dist, storage
+from .console import quiet_worker
+from .settings import OptimConfig, ResourcesConfig
 
 @dataclass
 class Runtime:
@@ -39,18 +42,11 @@ class Runtime:
         return self.rank == 0
 
 
-def make_runtime(res: ResourcesConfig, seed: int) -> Runtime:
-    """Device, AMP and seeds for this worker (cuda when Train gave us a GPU, else CPU)."""
-    try:
-        from ray.train.torch import get_device
-        device = get_device()
-    except Exception:  # outside Ray Train (plain loops, benchmarks)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not verbose():  # Train sets the workers' root logger to INFO; some of its logs bypass ray.train
-        import logging
-        logging.getLogger().setLevel(logging.WARNING)
-        from .cluster import hide_internal_deprecations
-        hide_internal_deprecations()
+def make_runtime(res: ResourcesConfig, seed: int, session: Session) -> Runtime:
+    """Device (the session's: cuda when Train gave this worker a GPU, else CPU), AMP and seeds for
+    this worker, and how many distinct nodes the run's workers are on."""
+    device = session.device
+    quiet_worker()
     gpu = device.type == "cuda"
     amp = None
     if gpu and res.amp != "off":
@@ -61,17 +57,8 @@ def make_runtime(res: ResourcesConfig, seed: int) -> Runtime:
     torch.manual_seed(seed + rank)
     if gpu:
         torch.backends.cudnn.benchmark = True
-    return Runtime(device, amp, gpu and res.channels_last, dist.world_size(), rank, count_nodes())
-
-
-def count_nodes() -> int:
-    """Distinct Ray nodes the workers of this run are on (1 outside Ray)."""
-    try:
-        import ray
-        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-    except Exception:
-        node = "local"
-    return len(set(dist.all_gather_objects(node)))
+    nodes = len(set(dist.all_gather_objects(session.node)))
+    return Runtime(device, amp, gpu and res.channels_last, dist.world_size(), rank, nodes)
 
 
 def wrap_ddp(module: nn.Module, rt: Runtime) -> nn.Module:
@@ -93,6 +80,16 @@ def wrap_ddp(module: nn.Module, rt: Runtime) -> nn.Module:
 
 def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
 
 
 def scaled_lr(opt: OptimConfig, world_size: int) -> float:
@@ -136,24 +133,59 @@ def optimizer_step(loss: torch.Tensor, optimizer, scaler, params, grad_clip: flo
     scaler.update()
 
 
+class Session(Protocol):
+    """What a phase's worker loop gets from where it runs (Ray Train: ``raypipe.raytrain``;
+    without Ray: ``MemorySession``): its device, its batches, the state to resume from, and where
+    each epoch's metrics (and, when due, the checkpoint state) go."""
+
+    device: torch.device
+    node: str
+
+    def batches(self, split: str, batch_size: int, shuffle_buffer: int = 0) -> Iterable[dict]: ...
+
+    def resume_state(self) -> dict | None: ...
+
+    def report(self, metrics: dict, state: dict | None) -> None: ...
+
+
+class MemorySession:
+    """A Session without Ray, for unit tests, benchmarks and notebooks: batches come from
+    ``datasets`` (split -> a list of batch dicts, or a function that returns an iterable of them,
+    called once per epoch); reports are kept in ``reports`` and the last checkpoint state in
+    ``state`` (a new MemorySession given ``resume`` resumes from it)."""
+
+    def __init__(self, datasets: dict, device: torch.device | str | None = None, resume: dict | None = None):
+        self.datasets, self.resume = datasets, resume
+        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.node, self.reports, self.state = "local", [], None
+
+    def batches(self, split: str, batch_size: int, shuffle_buffer: int = 0) -> Iterable[dict]:
+        data = self.datasets[split]
+        return data() if callable(data) else data
+
+    def resume_state(self) -> dict | None:
+        return self.resume
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        self.reports.append(metrics)
+        if state is not None:
+            self.state = state
+
+
 class Loop:
     """The training loop's state both phases share: DDP wrapper, SGD, scaler, LR schedule,
     resume, the per-epoch report/checkpoint and the best weights so far. A phase only writes its
-    own step.
+    own step. No Ray: batches, reports and checkpoints go through the ``session``.
 
-    ``loop_config`` is what the phase runner sent: ``meta`` holds ``n_train``, ``print_epochs``,
-    ``outputs`` (where metrics files go) and ``score_metric`` (the metric that ranks epochs)."""
+    ``meta`` is what the phase runner sent: ``n_train``, ``print_epochs``, ``outputs`` (where
+    metrics files go) and ``score_metric`` (the metric that ranks epochs)."""
 
-    def __init__(self, model: nn.Module, opt: OptimConfig, cfg: Config, rt: Runtime, loop_config: dict):
-        import ray.train
-
-        meta = loop_config["meta"]
-        self.model, self.opt, self.cfg, self.rt = model, opt, cfg, rt
+    def __init__(self, model: nn.Module, opt: OptimConfig, cfg, rt: Runtime, session: Session, meta: dict):
+        self.model, self.opt, self.cfg, self.rt, self.session = model, opt, cfg, rt, session
         self.print_epochs = meta.get("print_epochs", True)  # off under Tune: its callback prints the epoch line
         self.log = EpochLog(meta["outputs"]) if meta.get("outputs") and rt.is_main else None
-        self.local_checkpoints = loop_config.get("local_checkpoints")   # Train's local mode only
         self.score_metric = meta.get("score_metric")
-        resume = load_resume_state(self.local_checkpoints)
+        resume = session.resume_state()
         if resume:
             model.load_state_dict(resume["model"])
         self.net = wrap_ddp(model, rt)
@@ -168,7 +200,6 @@ class Loop:
             set_rng_state(resume["rng"][min(rt.rank, len(resume["rng"]) - 1)])
             self.start_epoch, self.history, self.best = resume["epoch"] + 1, resume["history"], resume.get("best")
         self.steps_per_epoch = max(1, meta["n_train"] // (opt.batch_size * rt.world_size))
-        self.shard = ray.train.get_dataset_shard("train")
         self.lr = self.base_lr
 
     def epochs(self) -> range:
@@ -176,9 +207,7 @@ class Loop:
 
     def batches(self, epoch: int):
         """This worker's training batches of one epoch; the LR follows the schedule per step."""
-        for step, batch in enumerate(self.shard.iter_torch_batches(
-                batch_size=self.opt.batch_size, drop_last=True,
-                local_shuffle_buffer_size=self.cfg.data.shuffle_buffer or None)):
+        for step, batch in enumerate(self.session.batches("train", self.opt.batch_size, self.cfg.data.shuffle_buffer)):
             self.lr = lr_at(self.opt, self.base_lr, epoch + step / self.steps_per_epoch)
             set_lr(self.optimizer, self.lr)
             yield batch
@@ -207,8 +236,7 @@ class Loop:
             print_epoch(phase, metrics, print_keys)
         if self.log:
             self.log.write(phase, self.history)
-        report_epoch(metrics, state, rt, self.local_checkpoints)
-
+        self.session.report(metrics, state)
 
 
 def print_epoch(phase: str, m: dict, keys: tuple[str, ...]) -> None:
@@ -267,7 +295,6 @@ class EpochLog:
     early stop and outlive the node. A resumed run starts a new event file next to the old one."""
 
     def __init__(self, location: str):
-        from . import storage
         self.out, self.writer = storage.Outputs(location), None
 
     def write(self, phase: str, history: list[dict]) -> None:

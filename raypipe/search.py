@@ -3,78 +3,42 @@
 the best trial and its weights. The main job's stages (raypipe.tune) call ``run_tune_stage``."""
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
-from . import cluster, plugins, progress
-from .checkpoints import best_weights, final_state
-from .config import Config, ConfigError, flat_key, get_dotted, set_dotted, verbose
+from . import cluster, progress
+from .checkpoints import best_weights
+from .config import Config, flat_key, set_dotted
+from .console import verbose
+from .raytrain import final_state
+from .registry import DISTILLERS, METHODS
+from .settings import TEACHER_CHOICE, start_point
 from .storage import join
 
 # ---- search spaces -------------------------------------------------------------------
-def queue_candidates(cfg: Config, n_train: int) -> list[int]:
-    """K values Tune may pick: multiples of the global batch the training set can fill."""
-    gb, cap = cfg.global_batch("teacher"), cfg.max_queue_size(n_train)
-    if cap < gb:
-        raise ConfigError(f"{n_train} training images cannot fill one global batch of {gb}")
-    if cfg.tune.queue_sizes:
-        bad = [k for k in cfg.tune.queue_sizes if k % gb or k > cap]
-        if bad:
-            raise ConfigError(f"tune.queue_sizes {bad} must be multiples of the global batch {gb} and <= {cap} "
-                              f"(the training images rounded down to whole batches)")
-        return sorted(set(cfg.tune.queue_sizes))
-    sizes, k = [], gb
-    while k <= cap:
-        sizes.append(k)
-        k *= 2
-    return sorted(set(sizes + [min(cap, cfg.teacher.queue_size)]))
-
-
-def start_point(cfg: Config, dotted: str, bounds: list) -> float:
-    """The config's own value of ``dotted`` clipped into the searched ``[lo, hi]``: the search's
-    first trial (the paper's values, with the default config)."""
-    return min(max(get_dotted(cfg.to_dict(), dotted), bounds[0]), bounds[1])
-
-
 def teacher_space(cfg: Config, n_train: int) -> tuple[dict, dict]:
-    """(Tune param_space overrides at dotted keys, the config's point to start from)."""
+    """(Tune param_space domains at dotted keys, the config's point to start from): the selected
+    method's own space (MoCo: margin, temperature, K), plus ``teacher.lr`` where ``tune.lr_range``."""
     from ray import tune
 
-    t = cfg.tune
-    queues = queue_candidates(cfg, n_train)
-    space = {"teacher.margin": tune.uniform(*t.margin_range),
-             "teacher.temperature": tune.loguniform(*t.temperature_range),
-             "teacher.queue_size": tune.choice(queues)}
-    point = {"teacher.margin": start_point(cfg, "teacher.margin", t.margin_range),
-             "teacher.temperature": start_point(cfg, "teacher.temperature", t.temperature_range),
-             "teacher.queue_size": min(queues, key=lambda k: (abs(k - cfg.teacher.queue_size), -k))}
-    if t.lr_range:
-        space["teacher.lr"] = tune.loguniform(*t.lr_range)
-        point["teacher.lr"] = start_point(cfg, "teacher.lr", t.lr_range)
+    space, point = METHODS.get_class(cfg.teacher.method).search_space(cfg, n_train)
+    if cfg.tune.lr_range:
+        space["teacher.lr"] = tune.loguniform(*cfg.tune.lr_range)
+        point["teacher.lr"] = start_point(cfg.teacher.lr, cfg.tune.lr_range)
     return space, point
 
 
-# stage 2's choice of teacher: 1 = stage 1's best k-NN, 2 = its second, ... (docs/search.md)
-TEACHER_CHOICE = "teacher_rank"
-
-
 def student_space(cfg: Config, teachers: int = 1) -> tuple[dict, list[dict]]:
-    """(Tune param_space overrides, the points to start from): the config's own values, once per
-    teacher where stage 2 chooses among ``teachers`` of stage 1's best, so each gets a student."""
+    """(Tune param_space domains, the points to start from): the selected distiller's own space
+    (OFD: lambda, CE warm-up), plus ``student.lr`` where ``tune.student_lr_range``; the config's own
+    values, once per teacher where stage 2 chooses among ``teachers`` of stage 1's best, so each
+    gets a student."""
     from ray import tune
 
     t = cfg.tune
-    space = {"student.distill_weight": tune.loguniform(*t.distill_weight_range)}
-    point = {"student.distill_weight": start_point(cfg, "student.distill_weight", t.distill_weight_range)}
-    if t.ce_only_range:
-        space["student.ce_only_epochs"] = tune.randint(t.ce_only_range[0], t.ce_only_range[1] + 1)
-        point["student.ce_only_epochs"] = start_point(cfg, "student.ce_only_epochs", t.ce_only_range)
+    space, point = DISTILLERS.get_class(cfg.student.mode).search_space(cfg)
     if t.student_lr_range:
         space["student.lr"] = tune.loguniform(*t.student_lr_range)
-        point["student.lr"] = start_point(cfg, "student.lr", t.student_lr_range)
+        point["student.lr"] = start_point(cfg.student.lr, t.student_lr_range)
     if teachers == 1:
         return space, [point]
     space[TEACHER_CHOICE] = tune.choice(list(range(1, teachers + 1)))
@@ -100,7 +64,7 @@ def trial_concurrency(cfg: Config, total: dict | None = None) -> int:
     workers = max(1, res.num_workers)
     cpu_need = workers * res.cpus_per_worker + cfg.tune.driver_cpus + cfg.data.cpus_per_task
     by_cpu = int(total.get("CPU", 0) // cpu_need)
-    if res.use_gpu == "true" or (res.use_gpu == "auto" and total.get("GPU", 0) > 0):
+    if res.use_gpu is True or (res.use_gpu == "auto" and total.get("GPU", 0) > 0):
         by_cpu = min(by_cpu, int(total.get("GPU", 0) // max(1e-9, workers * res.gpus_per_worker)))
     return max(1, by_cpu)
 
@@ -119,57 +83,6 @@ def driver_resources(cfg: Config) -> dict:
     if ray.cluster_resources().get(DRIVER_RESOURCE, 0) > 0:
         res[DRIVER_RESOURCE] = 0.001
     return res
-
-
-@contextlib.contextmanager
-def trial_run(ctx: dict):
-    """-> (the trial's folder in storage, a local scratch folder removed afterwards). The storage
-    folder holds the trial's Train run (checkpoints) and its files, which go there as they are
-    made; it is named after the trial id, no timestamp, so a retried or restored trial resumes."""
-    from ray import tune
-    location = join(ctx["storage"], f"{ctx['stage']}_runs", tune.get_context().get_trial_id())
-    scratch = Path(tempfile.mkdtemp(prefix="raypipe-trial-"))
-    try:
-        yield location, scratch
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def teacher_trial(config: dict, ctx: dict) -> None:
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from .teacher import pretrain
-    plugins.install(ctx.get("plugins"))
-    with trial_run(ctx) as (location, scratch):  # the model file stays local: stages export what they keep
-        pretrain(Config.from_dict(config), run_dir=scratch, callbacks=[TuneReportCallback()], storage_path=location,
-                 print_epochs=verbose(), outputs=location, publish_model=False)
-
-
-def trial_teacher(config: dict, ctx: dict) -> tuple[dict, str | None]:
-    """A student trial's config without the teacher choice, and its teacher: stage 1's
-    ``teacher_rank``-th best (``ctx["teachers"]``) where the search chooses, else ``ctx["teacher"]``."""
-    config = dict(config)
-    rank = config.pop(TEACHER_CHOICE, None)
-    return config, ctx["teachers"][rank - 1] if rank else ctx.get("teacher")
-
-
-def student_trial(config: dict, ctx: dict) -> None:
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from .student import train_student
-    plugins.install(ctx.get("plugins"))
-    config, teacher = trial_teacher(config, ctx)
-    cfg = Config.from_dict(config)
-    teacher = teacher if cfg.student.mode != "supervised" else None
-    with trial_run(ctx) as (location, scratch):
-        train_student(cfg, teacher, run_dir=scratch, callbacks=[TuneReportCallback()], storage_path=location,
-                      print_epochs=verbose(), outputs=location, publish_model=False)
-
-
-def final_trial(config: dict, ctx: dict) -> None:
-    """Stage 3: one of the final models (``config['final']`` says which), no early stopping."""
-    member = ctx["members"][config["final"]]
-    student_trial(member["config"], {**ctx, "teacher": member.get("teacher")})
 
 
 # ---- searcher and scheduler (also replayed on the search benchmark: bench/search_replay.py) --

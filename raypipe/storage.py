@@ -16,13 +16,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import StorageError
 
 SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss")
-
-
-class StorageError(ConfigError):
-    """A storage location is unusable: bad URI, missing bucket or credentials, missing object."""
 
 
 def is_uri(location: str | os.PathLike) -> bool:

@@ -1,31 +1,31 @@
 """Phase 2: the student, trained by the distiller ``student.mode`` selects (raypipe.distillers):
 ``distill`` (OFD self-distillation from the frozen phase-1 teacher + CE, the paper's phase 2),
-``finetune`` (from the teacher, CE only) and ``supervised`` (from scratch: the baseline)."""
+``finetune`` (from the teacher, CE only) and ``supervised`` (from scratch: the baseline). ``run``
+is the worker loop (no Ray: it runs over any ``loop.Session``); ``StudentPhase`` is what the phase
+runner (``raypipe.phase``) needs to launch it on Ray Train."""
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from . import dist, plugins
-from .checkpoints import CheckpointError, load_model_file, save_model_file
-from .config import Config, ConfigError
-from .augment import BatchViews, supervised_view
-from .data import normalize, scan_dataset
-from .distillers import DISTILLERS, Distiller
+from . import dist
+from .checkpoints import load_model_file, save_model_file
+from .errors import ConfigError
 from .loop import EpochMeans, Loop, Throughput, eval_rows_mask, make_runtime
 from .models import arch_of, build_backbone, payload_arch
+from .registry import DISTILLERS
+from .transforms import BatchViews, normalize
 
 EPOCH_KEYS = ("val_top1", "val_top5", "lr", "images_per_s")  # printed after the loss and its parts
 
 
-def distiller_class(cfg: Config) -> type[Distiller]:
+def distiller_class(cfg) -> type:
     return DISTILLERS.get_class(cfg.student.mode)
 
 
-def check_teacher(cfg: Config, teacher_path: str | Path | None) -> dict | None:
+def check_teacher(cfg, teacher_path: str | Path | None) -> dict | None:
     """Load the teacher file and check it fits the student config (before any Ray resource)."""
     s = cfg.student
     if not distiller_class(cfg).uses_teacher:
@@ -40,11 +40,11 @@ def check_teacher(cfg: Config, teacher_path: str | Path | None) -> dict | None:
     return payload
 
 
-def build_distiller(cfg: Config, num_classes: int, teacher_state: dict | None) -> Distiller:
+def build_distiller(cfg, num_classes: int, teacher_state: dict | None):
     return distiller_class(cfg)(cfg, num_classes, teacher_state)
 
 
-def mixed_batch(x: torch.Tensor, y: torch.Tensor, cfg: Config):
+def mixed_batch(x: torch.Tensor, y: torch.Tensor, cfg):
     """Mixup (``student.mixup_alpha``; 0 = off) of a batch and its label-smoothed CE: -> (the
     images to train on, ``ce(logits)`` against the correspondingly mixed targets)."""
     s = cfg.student
@@ -60,7 +60,7 @@ def mixed_batch(x: torch.Tensor, y: torch.Tensor, cfg: Config):
 
 
 @torch.no_grad()
-def validate_top(distiller: Distiller, rt, batches) -> tuple[float, float, int]:
+def validate_top(distiller, rt, batches) -> tuple[float, float, int]:
     """Top-1/top-5 over the whole split, each row counted on exactly one worker."""
     distiller.student.eval()
     counts = torch.zeros(3, dtype=torch.float64)
@@ -80,45 +80,43 @@ def validate_top(distiller: Distiller, rt, batches) -> tuple[float, float, int]:
     return 100 * counts[0].item() / n, 100 * counts[1].item() / n, int(counts[2].item())
 
 
-def train_loop(loop_config: dict) -> None:
-    """Runs on every Train worker."""
-    import ray
-    import ray.train
-
-    plugins.install(loop_config.get("plugins"))
-    cfg, meta = Config.from_dict(loop_config["cfg"]), loop_config["meta"]
+def run(cfg, meta: dict, session) -> None:
+    """Phase 2 on one worker: ``session`` gives the ``train`` batches (the distiller's views, or the
+    decoded images when ``meta["device_views"]``) and ``val`` (centre crops); ``meta["teacher"]``
+    the teacher's weights (or a Ray object reference to them)."""
     s = cfg.student
-    rt = make_runtime(cfg.resources, s.seed)
-    teacher_state = ray.get(meta["teacher_ref"]) if meta.get("teacher_ref") is not None else None
+    rt = make_runtime(cfg.resources, s.seed, session)
+    teacher_state = meta.get("teacher")
+    if teacher_state is not None and not isinstance(teacher_state, dict):   # sent once through the object store
+        import ray
+        teacher_state = ray.get(teacher_state)
     distiller = build_distiller(cfg, meta["num_classes"], teacher_state)
     if distiller.teacher is not None:  # frozen: moved to the device, never wrapped in DDP
         distiller.teacher.to(rt.device)
         if rt.channels_last:
             distiller.teacher.to(memory_format=torch.channels_last)
-    loop = Loop(distiller.student, s, cfg, rt, loop_config)
+    loop = Loop(distiller.student, s, cfg, rt, session, meta)
     names = ("loss", *distiller.metric_names)
-    views = BatchViews(("image",), rt.device, rt.channels_last,
-                       supervised_view(cfg.data.resolution, s.crop_min_scale) if meta.get("device_views") else None)
+    views = BatchViews(distiller.views(cfg), rt.device, rt.channels_last, meta.get("device_views", False))
     for epoch in loop.epochs():
         distiller.train()
         frozen = distiller.frozen_parameters(epoch)
         speed, means = Throughput(), EpochMeans(names, rt.device)
         for batch in loop.batches(epoch):
-            (x,) = views(batch)
+            x, *_ = views(batch)
             x, ce = mixed_batch(x, batch["label"].to(rt.device), cfg)
             loss, metrics = distiller.training_step(loop.net, x, ce, epoch, rt)
             loop.step(loss, frozen)
             means.add(loss, *(metrics[k] for k in distiller.metric_names))
             speed.add(x.shape[0])
         dist.average_bn_statistics(distiller.student)  # one set of BN statistics for validation and the checkpoint
-        top1, top5, n_val = validate_top(distiller, rt, ray.train.get_dataset_shard("val").iter_torch_batches(
-            batch_size=s.batch_size))
+        top1, top5, n_val = validate_top(distiller, rt, session.batches("val", s.batch_size))
         metrics = {**means.result(), "distill_weight": distiller.weight_at(epoch), "val_top1": top1,
                    "val_top5": top5, "n_val": n_val, "images_per_s": speed.rate(rt.world_size)}
         loop.end_epoch(s.mode, epoch, metrics, ("loss", *distiller.metric_names, *EPOCH_KEYS))
 
 
-def export_student(cfg: Config, state: dict, path: Path, classes: list[str], teacher_path=None) -> Path:
+def export_student(cfg, state: dict, path: Path, classes: list[str], teacher_path=None) -> Path:
     """A Train checkpoint's state -> a plain classifier file (torchvision model weights): the
     student module's ``net`` (every distiller's student keeps its classifier there)."""
     s = cfg.student
@@ -131,54 +129,32 @@ def export_student(cfg: Config, state: dict, path: Path, classes: list[str], tea
          "epochs_trained": state["epoch"] + 1, "best_epoch": state.get("best_epoch")})
 
 
-def train_student(cfg: Config, teacher_path: str | Path | None = None, run_dir: Path | None = None,
-                  callbacks: list | None = None, storage_path: str | None = None, print_epochs: bool = True,
-                  outputs: str | None = None, publish_model: bool = True) -> dict:
-    """Phase 2 end to end: check teacher and data, train, export ``student.pt``
-    (``raypipe.phase.run_phase`` documents the arguments)."""
-    import ray
+class StudentPhase:
+    """What phase 2 adds to the phase runner's launch sequence: the teacher file checked against the
+    student config before any Ray resource is asked for, its weights sent to the workers once."""
 
-    from .data import with_view
-    from .phase import Phase, run_phase
+    model_file, model_key, best_metric = "student.pt", "model", "val_top1"
+    run = staticmethod(run)
+    eval_splits = {"val": "val"}   # centre-crop splits the workers read whole: name -> split
 
-    payload = check_teacher(cfg, teacher_path)
-    index = scan_dataset(cfg.data, ("train", "val"))
-    if payload is not None and payload.get("classes") and payload["classes"] != index["train"].classes:
-        print(f"note: teacher was pre-trained on classes {payload['classes'][:5]}...; "
-              f"student classes come from {cfg.data.root}", flush=True)
-    s = cfg.student
+    def __init__(self, cfg, index: dict, teacher_path=None):
+        self.cfg, self.classes, self.teacher_path, self.name = cfg, index["train"].classes, teacher_path, cfg.student.mode
+        self.payload = check_teacher(cfg, teacher_path)
+        if self.payload is not None and self.payload.get("classes") and self.payload["classes"] != self.classes:
+            print(f"note: teacher was pre-trained on classes {self.payload['classes'][:5]}...; "
+                  f"student classes come from {cfg.data.root}", flush=True)
+        self.recipes = distiller_class(cfg).views(cfg)
+        if len(self.recipes) != 1:   # training_step gets one normalised batch (mixup, CE on it)
+            raise ConfigError(f"student.mode={cfg.student.mode!r}: a distiller trains on one view of each image; "
+                              f"its views() gave {len(self.recipes)}")
 
-    def views(decoded: dict, device_views: bool) -> dict:
-        train = (with_view(decoded["train"], "decoded", cfg.data, shuffle=True) if device_views else
-                 with_view(decoded["train"], "supervised", cfg.data, shuffle=True, autoaugment=s.autoaugment,
-                           min_scale=s.crop_min_scale))
-        return {"train": train, "val": with_view(decoded["val"], "eval", cfg.data)}
+    def check_decoded(self, decoded: dict) -> None:
+        pass
 
-    classes = index["train"].classes
-    export = partial(export_student, cfg, classes=classes, teacher_path=teacher_path)
-    def teacher_ref() -> dict:  # the weights go to the workers once, through the object store
-        return {"teacher_ref": ray.put(payload["state_dict"]) if payload is not None else None}
+    def meta(self) -> dict:
+        """Called once Ray is up: the weights go to the workers once, through the object store."""
+        import ray
+        return {"teacher": ray.put(self.payload["state_dict"]) if self.payload is not None else None}
 
-    phase = Phase(s.mode, train_loop, views, export, model_file="student.pt", model_key="model",
-                  best_metric="val_top1", meta=teacher_ref)
-    return run_phase(cfg, phase, index, run_dir, callbacks, storage_path, print_epochs, outputs, publish_model)
-
-
-def load_exported(path: str | Path, kind: str | None = "classifier"):
-    """An exported model file -> (eval-mode torchvision model, payload).
-
-    ``kind="classifier"``: a student/baseline with its ``fc``; ``"teacher"``: the phase-1 backbone;
-    ``None``: whichever the file holds.
-    """
-    payload = load_model_file(path, kind=kind)
-    num_classes = len(payload["classes"]) if payload["kind"] == "classifier" else 0
-    net, _ = build_backbone(**payload_arch(payload), num_classes=num_classes)
-    try:
-        net.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit {payload['backbone']}: {exc}") from exc
-    return net.eval(), payload
-
-
-def load_classifier(path: str | Path):
-    return load_exported(path, "classifier")
+    def export(self, state: dict, path: Path) -> Path:
+        return export_student(self.cfg, state, path, self.classes, self.teacher_path)

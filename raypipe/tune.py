@@ -4,11 +4,14 @@ student (lambda, CE warm-up, lr), then the final models, the test evaluation and
 Stages (each skipped on a re-run once finished, restored with ``Tuner.restore`` if interrupted):
   1. ``stage1_teacher``: each trial is a phase-1 TorchTrainer run, objective k-NN val top-1; the
      ``tune.stage2_teachers`` best teachers are exported;
-  2. ``stage2_student``: each trial is a phase-2 ``distill`` run from one of them (with more than
-     one, the teacher is a searched choice; docs/search.md), objective val top-1;
-  3. ``stage3_final``: supervised baseline, fine-tune and the distilled ensemble members from the
-     teacher of stage 2's best student (a Tune grid, so they run in parallel on a cluster), then the
-     test evaluation.
+  2. ``stage2_student``: each trial is a phase-2 run of the distiller ``student.mode`` (OFD by
+     default) from one of them (with more than one, the teacher is a searched choice;
+     docs/search.md), objective val top-1;
+  3. ``stage3_final``: the baselines (``tune.baselines``: supervised, fine-tune) and the ensemble
+     members of the searched distiller from the teacher of stage 2's best student (a Tune grid, so
+     they run in parallel on a cluster), then the test evaluation.
+
+What each plug-in searches is its own (``SSLMethod.search_space``, ``Distiller.search_space``).
 """
 from __future__ import annotations
 
@@ -16,17 +19,20 @@ import argparse
 import shlex
 import sys
 import time
-from pathlib import Path
 
-from . import cluster, plugins, progress, storage
-from .checkpoints import CheckpointError
-from .cli import parse_args as overrides_anywhere
-from .config import Config, ConfigError, get_dotted, load_config, parse_overrides, preset, set_verbose
+from . import cluster, progress, registry, storage
+from .config import Config, get_dotted, load_config, parse_args_with_overrides, parse_overrides, preset
+from .console import set_verbose
 from .data import scan_dataset
-from .search import (TEACHER_CHOICE, best_state, best_trial, final_trial, queue_candidates, ranked_trials,
-                     run_tune_stage, student_space, student_trial, teacher_space, teacher_trial, trial_summary,
-                     trial_teacher)
+from .errors import USER_ERRORS, ConfigError
+from .evaluate import evaluate_rows, probe_teacher, write_eval_outputs
+from .phase import final_trial, pretrain, student_trial, teacher_trial, trial_teacher
+from .registry import DISTILLERS
+from .search import best_state, best_trial, ranked_trials, run_tune_stage, student_space, teacher_space, trial_summary
+from .settings import TEACHER_CHOICE
 from .storage import Outputs, join
+from .student import export_student
+from .teacher import export_teacher
 
 TEACHER_METRIC, STUDENT_METRIC = "knn_top1", "val_top1"
 SMOKE_DEMO = {"train": 16, "val": 8, "test": 8}
@@ -34,8 +40,6 @@ DEMO = {"train": 50, "val": 20, "test": 20}
 
 
 def stage1(cfg: Config, ctx: dict, out: Outputs, n_train: int, classes: list[str]) -> dict:
-    from .teacher import export_teacher
-
     record = out.read_record("stage1_teacher")
     if record:
         print(f"[stage1_teacher] done before: best {TEACHER_METRIC} {record['best_metric']:.2f}", flush=True)
@@ -76,7 +80,6 @@ def stage2(cfg: Config, ctx: dict, out: Outputs, s1: dict) -> dict:
         print(f"[stage2_student] done before: best {STUDENT_METRIC} {record['best_metric']:.2f}", flush=True)
         return record
     base = Config.from_dict({**s1["best_config"], "student": cfg.to_dict()["student"]})
-    base = base.with_overrides({"student.mode": "distill"})
     teachers = stage1_teachers(s1)[:cfg.tune.student_trials]
     space, points = student_space(base, len(teachers))
     stage_ctx = {**ctx, "stage": "stage2_student", "teacher": s1["teacher"], "teachers": [t["teacher"] for t in teachers]}
@@ -98,18 +101,19 @@ def stage2(cfg: Config, ctx: dict, out: Outputs, s1: dict) -> dict:
 
 
 def final_members(cfg: Config, s2: dict, teacher: str) -> dict[str, dict]:
-    """Stage-3 runs: supervised baseline and fine-tune (same budget), and the distilled members."""
+    """Stage-3 runs: the baselines (``tune.baselines``, same budget; from the teacher where they use
+    one) and the ensemble members of the searched distiller."""
     best = Config.from_dict(s2["best_config"])
     split = cfg.tune.final_train_split or best.data.train_split
     common = {"data.train_split": split}
-    members = {
-        "supervised": {"config": best.with_overrides({**common, "student.mode": "supervised"}).to_dict()},
-        "finetune": {"config": best.with_overrides({**common, "student.mode": "finetune"}).to_dict(),
-                     "teacher": teacher},
-    }
+    members = {}
+    for mode in cfg.tune.baselines:
+        members[mode] = {"config": best.with_overrides({**common, "student.mode": mode}).to_dict()}
+        if DISTILLERS.get_class(mode).uses_teacher:
+            members[mode]["teacher"] = teacher
     seeds = cfg.tune.final_seeds or list(range(cfg.tune.final_members))
     for i in range(cfg.tune.final_members):
-        over = {**common, "student.mode": "distill", "student.seed": seeds[i % len(seeds)]}
+        over = {**common, "student.seed": seeds[i % len(seeds)]}
         if cfg.tune.final_backbones:
             over["student.backbone"] = cfg.tune.final_backbones[i % len(cfg.tune.final_backbones)]
         members[f"distill_{i}"] = {"config": best.with_overrides(over).to_dict(), "teacher": teacher}
@@ -117,8 +121,6 @@ def final_members(cfg: Config, s2: dict, teacher: str) -> dict[str, dict]:
 
 
 def stage3(cfg: Config, ctx: dict, out: Outputs, s1: dict, s2: dict, classes: list[str]) -> dict:
-    from .student import export_student
-
     record = out.read_record("stage3_final")
     if record:
         print("[stage3_final] done before", flush=True)
@@ -147,22 +149,16 @@ def stage3(cfg: Config, ctx: dict, out: Outputs, s1: dict, s2: dict, classes: li
 
 def retrain_teacher(cfg: Config, out: Outputs, teacher_config: dict) -> str:
     """Stage 3 option: retrain the chosen teacher's config for longer (a plain Train run)."""
-    from .teacher import pretrain
-
     best = Config.from_dict(teacher_config).with_overrides(
         {"teacher.epochs": cfg.tune.retrain_teacher_epochs, "name": "teacher_long"})
-    final = pretrain(best, run_dir=out.local("teacher_long", "teacher.pt").parent,
-                     storage_path=out.path("teacher_long"), outputs=out.path("teacher_long"))
-    out.publish("teacher_long")
-    return out.path("teacher_long", Path(final["teacher"]).name)
+    run = Outputs(out.path("teacher_long"), scratch=out.local("teacher_long", "config.yaml").parent)
+    return pretrain(best, run)["teacher"]
 
 
 # ---- test evaluation and summary -------------------------------------------------------
 def evaluate_all(cfg: Config, out: Outputs, s1: dict, s3: dict) -> dict:
     """The paper-shaped table on the test split (each evaluation a Ray task, GPU when present)."""
     import ray
-
-    from .evaluate import evaluate_rows, probe_teacher, write_eval_outputs
 
     record = out.read_record("evaluation")
     if record:
@@ -175,7 +171,8 @@ def evaluate_all(cfg: Config, out: Outputs, s1: dict, s3: dict) -> dict:
     members = [m[k] for k in sorted(m) if k.startswith("distill_")]
     # one task decodes the test split once and scores every model on it once per view; the
     # reports come back to this driver and are written here, whichever node evaluated them
-    rows = {"supervised": {"models": [m["supervised"]]}, "finetune": {"models": [m["finetune"]]},
+    baselines = [b for b in cfg.tune.baselines if b in m]
+    rows = {**{b: {"models": [m[b]]} for b in baselines},
             "distill": {"models": members[:1]}, "distill_10crop": {"models": members[:1], "ten_crop": True},
             "ensemble_10crop": {"models": members, "ten_crop": True}}
     evaluation = ev.remote(data, "test", rows)
@@ -184,17 +181,17 @@ def evaluate_all(cfg: Config, out: Outputs, s1: dict, s3: dict) -> dict:
     for name, report in results.items():
         write_eval_outputs(report, out.path("eval", name))
     probe_scores = ray.get(probe)
-    rows = [
-        ("supervised from scratch", results["supervised"]["top1"], m["supervised"]),
-        ("phase 1 + linear probe", probe_scores["test_top1"], s3["teacher"]),
-        ("phase 1 + fine-tune", results["finetune"]["top1"], m["finetune"]),
-        ("phase 1 + phase 2 (distill)", results["distill"]["top1"], members[0]),
-        ("+ 10-crop", results["distill_10crop"]["top1"], members[0]),
-        (f"+ ensemble of {len(members)} (10-crop)", results["ensemble_10crop"]["top1"], ", ".join(members)),
-    ]
+    searched = DISTILLERS.get_class(cfg.student.mode).label
+    label = {b: DISTILLERS.get_class(b).label for b in baselines}
+    rows = [(label[b], results[b]["top1"], m[b]) for b in baselines if not DISTILLERS.get_class(b).uses_teacher]
+    rows += [("phase 1 + linear probe", probe_scores["test_top1"], s3["teacher"])]
+    rows += [(label[b], results[b]["top1"], m[b]) for b in baselines if DISTILLERS.get_class(b).uses_teacher]
+    rows += [(searched, results["distill"]["top1"], members[0]),
+             ("+ 10-crop", results["distill_10crop"]["top1"], members[0]),
+             (f"+ ensemble of {len(members)} (10-crop)", results["ensemble_10crop"]["top1"], ", ".join(members))]
     return out.write_record("evaluation", {
         "table": [{"configuration": r[0], "test_top1": r[1], "model": r[2]} for r in rows],
-        "n_test_images": results["supervised"]["n_images"], "linear_probe_val_top1": probe_scores["val_top1"]})
+        "n_test_images": results["distill"]["n_images"], "linear_probe_val_top1": probe_scores["val_top1"]})
 
 
 def render_table(rows: list[dict]) -> str:
@@ -231,20 +228,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (sections data/resources/teacher/student/tune)")
     p.add_argument("--data", help="data set root; default: generate the embedded demo data")
-    p.add_argument("--storage", help="local folder or s3:// / gs:// URI for all outputs (tune.storage)")
+    p.add_argument("--storage", help="local folder or s3:// / gs:// URI for all outputs (output_dir)")
     p.add_argument("--name", help="experiment name (tune.experiment); re-running a name resumes it")
     p.add_argument("--max-concurrent-trials", type=int, help="for autoscaling clusters whose nodes do not exist yet")
     p.add_argument("--smoke", action="store_true", help="tiny trials on demo data (minutes on a laptop)")
     p.add_argument("--verbose", action="store_true", help="Tune's own tables and Ray's logs as well")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. teacher.epochs=50")
-    return overrides_anywhere(p, sys.argv[1:] if argv is None else argv)
+    return parse_args_with_overrides(p, sys.argv[1:] if argv is None else argv)
 
 
 def build_config(args: argparse.Namespace) -> Config:
     """Config file < preset (``--smoke``: raypipe/presets/smoke.yaml; neither --data nor --config:
     laptop.yaml) < flags (typed values, never re-parsed) < dotted overrides."""
     name = "smoke" if args.smoke else None if (args.data or args.config) else "laptop"
-    flags = {"tune.storage": args.storage, "tune.experiment": args.name,
+    flags = {"output_dir": args.storage, "tune.experiment": args.name,
              "tune.max_concurrent_trials": args.max_concurrent_trials, "data.root": args.data}
     overrides = {**(preset(name) if name else {}), **{k: v for k, v in flags.items() if v is not None},
                  **parse_overrides(list(args.overrides))}
@@ -256,17 +253,17 @@ def main(argv: list[str] | None = None) -> dict:
     set_verbose(args.verbose)
     command = "python experiments/tune_margin.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     cfg = build_config(args)  # every config and storage error surfaces here, before Ray starts
-    out = Outputs(join(storage.normalize(cfg.tune.storage), cfg.tune.experiment))
+    out = Outputs(join(storage.normalize(cfg.output_dir), cfg.tune.experiment))
     storage.check_writable(out.location)
     if not cfg.data.root:
         cfg = cfg.with_overrides({"data.root": demo_data(out, args.smoke)})
     index = scan_dataset(cfg.data, ("train", "val", "test"))  # layout errors before Ray starts
-    queue_candidates(cfg, len(index["train"]))
+    teacher_space(cfg, len(index["train"]))   # e.g. queue sizes the data cannot fill: before Ray starts
     cfg.dump(out.local("config.yaml"))
     out.publish("config.yaml")
     started = time.time()
     cluster.ensure_ray()
-    ctx = {"storage": out.location, "plugins": plugins.selected(cfg)}  # user-registered classes travel along
+    ctx = {"storage": out.location, "plugins": registry.snapshot()}  # user-registered classes travel along
     classes = index["train"].classes
     s1 = stage1(cfg, ctx, out, len(index["train"]), classes)
     s2 = stage2(cfg, ctx, out, s1)
@@ -302,10 +299,9 @@ def short(params: dict) -> str:
 
 def cli_main(argv: list[str] | None = None) -> int:
     """``main`` with bad input reported as one line (exit 2) instead of a traceback."""
-    from .data import DataError
     try:
         main(argv)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:
         print(f"tune_margin: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from raypipe import data as D
-from raypipe.augment import BatchViews, moco_views, supervised_view
+from raypipe import transforms as T
+from raypipe.transforms import BatchViews, CropView, MocoView, views_on_device
 
 N = 4000
 SIZE, RES = 36, 32          # decoded size and training resolution of the CIFAR recipe
@@ -41,22 +42,22 @@ def assert_same_distribution(a, b, tol):
 @pytest.mark.parametrize("min_scale", [0.2, 0.4])
 def test_moco_crops_draw_the_same_scales_and_ratios(min_scale):
     torch.manual_seed(0)
-    area_cpu, ratio_cpu = cpu_crops(D.moco_view_transform(RES, min_scale).transforms[0])
-    area_dev, ratio_dev = device_crops(list(moco_views(RES, min_scale).children())[0])
+    area_cpu, ratio_cpu = cpu_crops(MocoView(RES, min_scale).cpu().transforms[0])
+    area_dev, ratio_dev = device_crops(list(MocoView(RES, min_scale).device().children())[0])
     assert area_cpu.min() >= min_scale - 0.02 and area_dev.min() >= min_scale - 0.02
     assert_same_distribution(area_cpu, area_dev, 0.03)
     assert_same_distribution(ratio_cpu, ratio_dev, 0.04)
-    wrong, _ = device_crops(list(supervised_view(RES, 0.08).children())[0])   # scale 0.08: clearly another law
+    wrong, _ = device_crops(list(CropView(RES, 0.08).device().children())[0])   # scale 0.08: clearly another law
     assert abs(wrong.mean() - area_cpu.mean()) > 0.05
 
 
 @pytest.mark.parametrize("blur_prob", [0.5, 0.0])
 def test_moco_rates_and_jitter_factors_match_the_cpu_recipe(blur_prob):
     torch.manual_seed(1)
-    crop, jitter_apply, gray, blur_apply, flip = D.moco_view_transform(RES, 0.2, blur_prob).transforms
+    crop, jitter_apply, gray, blur_apply, flip = MocoView(RES, 0.2, blur_prob).cpu().transforms
     jitter, blur = jitter_apply.transforms[0], blur_apply.transforms[0]
     dev = {type(m).__name__: m.forward_parameters(torch.Size([N, 3, SIZE, SIZE]))
-           for m in moco_views(RES, 0.2, blur_prob).children()}
+           for m in MocoView(RES, 0.2, blur_prob).device().children()}
     rate = lambda name: dev[name]["batch_prob"].float().mean().item()  # noqa: E731
     for name, p in (("ColorJitter", jitter_apply.p), ("RandomGrayscale", gray.p),
                     ("RandomGaussianBlur", blur_apply.p), ("RandomHorizontalFlip", flip.p)):
@@ -69,7 +70,7 @@ def test_moco_rates_and_jitter_factors_match_the_cpu_recipe(blur_prob):
         assert_same_distribution(a, b, 0.03)
     sigma_cpu = np.array([blur.make_params([img])["sigma"][0] for _ in range(N)])
     assert_same_distribution(sigma_cpu, dev["RandomGaussianBlur"]["sigma"].numpy(), 0.08)
-    assert blur.kernel_size == (D.blur_kernel(RES),) * 2
+    assert blur.kernel_size == (T.blur_kernel(RES),) * 2
 
 
 def real_images(n=256) -> torch.Tensor:
@@ -83,7 +84,7 @@ def real_images(n=256) -> torch.Tensor:
 def view_stats(views: torch.Tensor) -> dict:
     """Per-view statistics of normalised views, back on the 0-255 scale: grayscale share,
     brightness, contrast, colourfulness."""
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in (D.MEAN, D.STD))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in (T.MEAN, T.STD))
     x = views.float() * std + mean
     gray = (x.amax(1) - x.amin(1)).flatten(1).amax(1) < 0.5
     return {"gray": gray.float().mean().item(), "mean": x.mean((1, 2, 3)).numpy(), "std": x.std((1, 2, 3)).numpy(),
@@ -93,16 +94,17 @@ def view_stats(views: torch.Tensor) -> dict:
 def test_views_of_real_images_match_in_distribution_and_are_independent(monkeypatch):
     images = real_images()
     reps = 8                     # 8 x 256 views per path
-    monkeypatch.setattr(D, "_fresh_rng", lambda: None)   # the pipeline reseeds from the OS: seeded here
+    monkeypatch.setattr(T, "fresh_rng", lambda: None)   # the pipeline reseeds from the OS: seeded here
+    recipes = [MocoView(RES)] * 2
     torch.manual_seed(2)
-    cpu = torch.cat([torch.from_numpy(D.augment_two_views({"img": images.numpy(), "label": np.zeros(len(images)),
-                                                            "idx": np.arange(len(images))}, RES)["view1"])
+    cpu = torch.cat([torch.from_numpy(T.make_views({"img": images.numpy(), "label": np.zeros(len(images)),
+                                                    "idx": np.arange(len(images))}, recipes)["view0"])
                      for _ in range(reps)])
-    device_views = BatchViews(("view1", "view2"), torch.device("cpu"), False, moco_views(RES))
+    device_views = BatchViews(recipes, torch.device("cpu"), False, on_device=True)
     torch.manual_seed(3)
     dev, dev2 = zip(*[device_views({"img": images}) for _ in range(reps)])
     dev = torch.cat(dev)
-    s_cpu, s_dev = view_stats(D.normalize(cpu)), view_stats(dev)
+    s_cpu, s_dev = view_stats(T.normalize(cpu)), view_stats(dev)
     assert abs(s_cpu["gray"] - 0.2) < 0.04 and abs(s_dev["gray"] - 0.2) < 0.04
     for key, tol in (("mean", 4.0), ("std", 2.5), ("colour", 3.0)):   # ~3.5 standard errors of the difference
         assert abs(s_cpu[key].mean() - s_dev[key].mean()) < tol, (key, s_cpu[key].mean(), s_dev[key].mean())
@@ -122,15 +124,35 @@ def test_views_of_real_images_match_in_distribution_and_are_independent(monkeypa
 
 def test_supervised_device_view_matches_the_cpu_crop_and_flip():
     torch.manual_seed(3)
-    crop, flip = D.supervised_transform(RES, "none", 0.35).transforms
-    dev = list(supervised_view(RES, 0.35).children())
+    crop, flip = CropView(RES, 0.35, "none").cpu().transforms
+    dev = list(CropView(RES, 0.35).device().children())
     assert_same_distribution(cpu_crops(crop)[0], device_crops(dev[0])[0], 0.03)
     rate = dev[1].forward_parameters(torch.Size([N, 3, SIZE, SIZE]))["batch_prob"].float().mean().item()
     assert abs(rate - flip.p) < 0.03
 
 
+def on_device(cfg, phase: str, use_gpu: bool) -> bool:
+    """Where the selected plug-in's training views are made for ``phase`` (as the phase runner asks)."""
+    from raypipe.student import distiller_class
+    from raypipe.teacher import method_class
+    plugin = method_class(cfg) if phase == "teacher" else distiller_class(cfg)
+    return views_on_device(plugin.views(cfg), cfg.data.augment_on, use_gpu)
+
+
+def test_the_plugins_views_follow_their_settings():
+    """MoCo's two views and the distillers' one crop are made from the config's own settings."""
+    from raypipe.config import load_config
+    from raypipe.student import distiller_class
+    from raypipe.teacher import method_class
+    cfg = load_config(overrides=["data.resolution=24", "teacher.moco.crop_min_scale=0.3", "teacher.moco.blur_prob=0.1",
+                                 "student.crop_min_scale=0.5", "student.autoaugment=cifar10"])
+    assert method_class(cfg).views(cfg) == [MocoView(24, 0.3, 0.1)] * 2
+    for mode in ("distill", "finetune", "supervised"):
+        c = cfg.with_overrides({"student.mode": mode})
+        assert distiller_class(c).views(c) == [CropView(24, 0.5, "cifar10")]
+
+
 def test_where_views_are_made(tiny_config):
-    from raypipe.augment import on_device
     cfg = tiny_config()
     assert cfg.data.augment_on == "auto"
     assert on_device(cfg, "teacher", use_gpu=True) and not on_device(cfg, "teacher", use_gpu=False)
@@ -140,15 +162,18 @@ def test_where_views_are_made(tiny_config):
     assert not on_device(cfg.with_overrides({"data.augment_on": "cpu"}), "teacher", use_gpu=True)
     # AutoAugment stays on CPU: kornia draws its sub-policy once per batch, not per image
     assert not on_device(cfg.with_overrides({"student.autoaugment": "cifar10"}), "student", use_gpu=True)
+    assert not on_device(cfg.with_overrides({"student.autoaugment": "cifar10", "data.augment_on": "device"}),
+                         "student", use_gpu=True)
 
 
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
 def test_both_phases_train_with_views_made_on_the_device(ray_cluster, tiny_config, trained_teacher):
     """data.augment_on=device on CPU: Ray Data hands the decoded images to the worker, which makes
     the views; both phases train, and the run records where the views were made."""
     import json
 
-    from raypipe.student import train_student
-    from raypipe.teacher import pretrain
+    from raypipe.phase import pretrain, train_student
     teacher = pretrain(tiny_config("data.augment_on=device", "name=device_teacher", "resources.num_workers=1"))
     assert teacher["epochs"] == 1 and teacher["device_views"] and math.isfinite(teacher["loss"])
     cfg = tiny_config("data.augment_on=device", "name=device_student", "student.mode=finetune")

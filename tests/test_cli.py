@@ -1,13 +1,15 @@
 """The `raypipe` command line: typed overrides anywhere on the line, help, version (no Ray, no training)."""
 import argparse
+import json
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from raypipe.cli import build_parser, main, parse_args
+from raypipe.cli import build_parser, main
 from raypipe.config import ConfigError, load_config
+from raypipe.config import parse_args_with_overrides as parse_args
 
 
 def resolved(capsys, *argv) -> dict:
@@ -16,16 +18,21 @@ def resolved(capsys, *argv) -> dict:
 
 
 def test_string_keys_keep_their_text_and_others_are_typed(capsys):
-    cfg = resolved(capsys, "name=007", "data.root=yes", "teacher.margin=0.25", "teacher.epochs=3")
+    cfg = resolved(capsys, "name=007", "data.root=yes", "teacher.moco.margin=0.25", "teacher.epochs=3")
     assert cfg["name"] == "007" and cfg["data"]["root"] == "yes"
-    assert cfg["teacher"]["margin"] == 0.25 and cfg["teacher"]["epochs"] == 3
+    assert cfg["teacher"]["moco"]["margin"] == 0.25 and cfg["teacher"]["epochs"] == 3
+    # an old key on the command line lands at its new key in the resolved config
+    old = resolved(capsys, "teacher.margin=0.25", "student.distill_weight=2e-4")
+    assert old["teacher"]["moco"]["margin"] == 0.25 and old["student"]["ofd"]["distill_weight"] == 2e-4
+    assert "margin" not in old["teacher"] and "distill_weight" not in old["student"]
     assert resolved(capsys, "name=0x1F")["name"] == "0x1F"
 
 
 def test_use_gpu_accepts_booleans_in_yaml_and_on_the_command_line(tmp_path, capsys):
     (tmp_path / "gpu.yaml").write_text("resources:\n  use_gpu: true\n")
-    assert load_config(tmp_path / "gpu.yaml").resources.use_gpu == "true"
-    assert resolved(capsys, "resources.use_gpu=false")["resources"]["use_gpu"] == "false"
+    assert load_config(tmp_path / "gpu.yaml").resources.use_gpu is True
+    assert resolved(capsys, "resources.use_gpu=false")["resources"]["use_gpu"] is False
+    assert resolved(capsys, "resources.use_gpu=auto")["resources"]["use_gpu"] == "auto"
     with pytest.raises(ConfigError, match="use_gpu"):
         load_config(overrides=["resources.use_gpu=maybe"])
 
@@ -43,8 +50,8 @@ def test_overrides_are_taken_anywhere_on_the_line():
     args = parse_args(parser, ["distill", "demo", "--teacher", "t.pt", "--mode", "distill", "--config",
                                "experiments/configs/demo.yaml", "name=demo_student", "student.epochs=2"])
     assert args.overrides == ["name=demo_student", "student.epochs=2"] and args.teacher == "t.pt"
-    args = parse_args(parser, ["pretrain", "d", "teacher.epochs=1", "--name", "007", "teacher.margin=0"])
-    assert args.overrides == ["teacher.epochs=1", "teacher.margin=0"] and args.name == "007"
+    args = parse_args(parser, ["pretrain", "d", "teacher.epochs=1", "--name", "007", "teacher.moco.margin=0"])
+    assert args.overrides == ["teacher.epochs=1", "teacher.moco.margin=0"] and args.name == "007"
     with pytest.raises(SystemExit):   # a stray option is still an error
         parse_args(parser, ["pretrain", "d", "--nmae", "x"])
     with pytest.raises(SystemExit):   # commands without overrides take none
@@ -63,10 +70,27 @@ def test_every_positional_argument_has_help():
     assert not missing, missing
 
 
-def test_help_and_version_are_fast_and_import_no_torch():
-    code = ("import sys\nfrom raypipe.cli import main\n"
-            "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
-            "assert 'torch' not in sys.modules and 'ray' not in sys.modules, 'heavy import'\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+def _cli_modules(argv: list[str]) -> tuple[str, set[str]]:
+    """(stdout, the modules imported) of `raypipe ARGV` in a fresh interpreter."""
+    code = ("import sys, json\nfrom raypipe.cli import main\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "print('MODULES', json.dumps(sorted(sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("raypipe ") and out.stdout.split()[1][0].isdigit()
+    text, _, modules = out.stdout.rpartition("MODULES ")
+    return text, set(json.loads(modules))
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["pretrain", "--help"]])
+def test_help_and_version_are_fast_and_import_no_torch(argv):
+    """`raypipe --help` / `--version` import neither torch nor Ray, nor the trainer, data or phase
+    modules (the built-in plug-ins register on first use of the registries)."""
+    text, modules = _cli_modules(argv)
+    heavy = {"torch", "torchvision", "ray", "raypipe.phase", "raypipe.teacher", "raypipe.student",
+             "raypipe.raytrain", "raypipe.data", "raypipe.tune", "raypipe.search", "raypipe.evaluate",
+             "raypipe.methods", "raypipe.distillers", "kornia", "pandas"} & modules
+    assert not heavy, f"heavy import: {sorted(heavy)}"
+    if argv == ["--version"]:
+        assert text.startswith("raypipe ") and text.split()[1][0].isdigit()
+    else:
+        assert text.startswith("usage: raypipe")

@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 from raypipe import data as D
+from raypipe import transforms as T
 from raypipe.config import load_config
+from raypipe.transforms import CropView, MocoView
 
 
 # ---- layouts and indexing (no Ray) -------------------------------------------------------
@@ -149,21 +151,22 @@ def uint8_batch(n=4, size=20, seed=0):
 
 def test_view_shapes_dtypes_ranges():
     batch = {"img": uint8_batch(), "label": np.arange(4), "idx": np.arange(4)}
-    two = D.augment_two_views(batch, 16)
-    sup = D.augment_supervised(batch, 16, "imagenet", 0.08)
-    ev = D.eval_view(batch, 16)
-    ten = D.eval_ten_crop(batch, 16)
-    for arr in (two["view1"], two["view2"], sup["image"], ev["image"]):
+    two = T.make_views(batch, [MocoView(16)] * 2)
+    sup = T.make_views(batch, [CropView(16, 0.08, "imagenet")])
+    ev = T.eval_view(batch, 16)
+    ten = T.eval_ten_crop(batch, 16)
+    assert set(two) == {"view0", "view1", "label", "idx"} and set(sup) == {"view0", "label", "idx"}
+    for arr in (two["view0"], two["view1"], sup["view0"], ev["image"]):
         assert arr.shape == (4, 3, 16, 16) and arr.dtype == np.uint8
     assert ten["views"].shape == (4, 10, 3, 16, 16)
-    assert not np.array_equal(two["view1"], two["view2"])
-    x = D.normalize(torch.from_numpy(ev["image"]))
+    assert not np.array_equal(two["view0"], two["view1"])
+    x = T.normalize(torch.from_numpy(ev["image"]))
     assert x.dtype == torch.float32 and -2.2 < x.min() and x.max() < 2.7
 
 
 def test_ten_crop_order_corners_centre_then_flips():
     img = torch.arange(3 * 20 * 20, dtype=torch.float32).view(3, 20, 20)
-    views = D.ten_crop(img, 16)
+    views = T.ten_crop(img, 16)
     assert views.shape == (10, 3, 16, 16)
     assert torch.equal(views[0], img[:, :16, :16]) and torch.equal(views[1], img[:, :16, 4:])
     assert torch.equal(views[2], img[:, 4:, :16]) and torch.equal(views[3], img[:, 4:, 4:])
@@ -174,8 +177,18 @@ def test_ten_crop_order_corners_centre_then_flips():
 
 def test_fresh_random_views_across_batches():
     batch = {"img": uint8_batch(2), "label": np.arange(2), "idx": np.arange(2)}
-    a, b = D.augment_two_views(batch, 16), D.augment_two_views(batch, 16)
-    assert not np.array_equal(a["view1"], b["view1"])
+    a, b = T.make_views(batch, [MocoView(16)] * 2), T.make_views(batch, [MocoView(16)] * 2)
+    assert not np.array_equal(a["view0"], b["view0"])
+
+
+def test_one_column_per_recipe_each_of_its_own_size():
+    """A plug-in's views become columns view0, view1, ... in its order, each made by its recipe."""
+    batch = {"img": uint8_batch(3, size=24), "label": np.arange(3), "idx": np.arange(3)}
+    out = T.make_views(batch, [MocoView(16), MocoView(16, 0.5, 0.0), CropView(8), CropView(12, 0.3, "cifar10")])
+    assert [k for k in out if k.startswith("view")] == ["view0", "view1", "view2", "view3"]
+    assert [out[f"view{i}"].shape[-1] for i in range(4)] == [16, 16, 8, 12]
+    assert all(out[f"view{i}"].dtype == np.uint8 and len(out[f"view{i}"]) == 3 for i in range(4))
+    assert out["label"].tolist() == [0, 1, 2] and out["idx"].tolist() == [0, 1, 2]
 
 
 # ---- through Ray Data ---------------------------------------------------------------------
@@ -200,12 +213,13 @@ def test_ray_pipeline_skips_and_reports_bad_files(ray_cluster, tiny_data, tmp_pa
 def test_ray_two_views_fresh_each_epoch_without_redecoding(ray_cluster, tiny_data):
     cfg = load_config(overrides=[f"data.root={tiny_data}", "data.resolution=16", "data.decode_size=20"]).data
     decoded = D.decode_split(D.scan_split(tiny_data, "val"), cfg)
-    ds = D.with_view(decoded, "moco", cfg)
+    ds = D.with_views(decoded, [MocoView(16)] * 2, cfg)
     epochs = []
     for _ in range(2):
         rows = {}
         for b in ds.iter_torch_batches(batch_size=8):
-            for i, v in zip(b["idx"].tolist(), b["view1"]):
+            assert b["view0"].shape[1:] == b["view1"].shape[1:] == (3, 16, 16)
+            for i, v in zip(b["idx"].tolist(), b["view0"]):
                 rows[i] = v
         epochs.append(rows)
     assert sorted(epochs[0]) == list(range(32)) == sorted(epochs[1])
@@ -213,6 +227,10 @@ def test_ray_two_views_fresh_each_epoch_without_redecoding(ray_cluster, tiny_dat
     assert same <= 2, "images must get new random views in the next epoch"  # (an exact repeat is rare, not impossible)
     # decode ran once: the view dataset reads the materialised decoded blocks
     assert "ReadItems" not in str(ds) and "_decode_batch" not in str(ds)
+    # on the device: the decoded images as they are, for the worker to make the views
+    raw = D.with_views(decoded, [MocoView(16)] * 2, cfg, on_device=True)
+    batch = next(iter(raw.iter_torch_batches(batch_size=8)))
+    assert set(batch) == {"img", "label", "idx"} and batch["img"].shape[1:] == (20, 20, 3)
 
 
 def test_parquet_source_through_ray(ray_cluster, tiny_data, tmp_path):

@@ -62,7 +62,7 @@ def _two_rank_state(rank: int, port: int, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(100 + rank)   # each worker seeds differently (seed + rank), as make_runtime does
-    cfg = load_config(overrides=["teacher.queue_size=8", "teacher.proj_hidden=16", "teacher.proj_dim=4",
+    cfg = load_config(overrides=["teacher.moco.queue_size=8", "teacher.moco.proj_hidden=16", "teacher.moco.proj_dim=4",
                                  "teacher.batch_size=4", "resources.num_workers=2"])
     model = build_method(cfg, world_size=2).model
     net = wrap_ddp(model, Runtime(torch.device("cpu"), None, False, 2, rank))
@@ -114,7 +114,7 @@ ABORT_DUMP = ["[mutex.cc : 452] RAW: Lock blocking 0x55d1d9faa430   @ 0x7f1d72a2
 
 
 def test_a_worker_abort_dump_becomes_one_line_per_process():
-    from raypipe.cluster import RAY_COMPONENT_LOG, WorkerAbortDumps
+    from raypipe.console import RAY_COMPONENT_LOG, WorkerAbortDumps
     dump = [line for line in ABORT_DUMP if not RAY_COMPONENT_LOG.match(line)]
     collapse = WorkerAbortDumps()
     first = collapse(8845, ["epoch 3", *dump[:3]])
@@ -155,7 +155,7 @@ def test_stopped_trial_teardown_is_hidden_and_real_worker_errors_pass():
     job's output): its SIGTERM stack dump and the ActorDiedError of its data coordinator, whose
     owner (the trial's driver) is gone. Split over batches of lines, as the log monitor sends them.
     Any other traceback of a worker passes whole, in order."""
-    from raypipe.cluster import RAY_COMPONENT_LOG, StoppedTrialTracebacks
+    from raypipe.console import RAY_COMPONENT_LOG, StoppedTrialTracebacks
     dump = ["*** SIGTERM received at time=1796003067 on cpu 1 ***",
             "PC: @     0x7f6e5a6a3f16  (unknown)  (unknown)", "    @     0x7f6e5a65a050  (unknown)  (unknown)"]
     assert all(RAY_COMPONENT_LOG.match(line) for line in dump)

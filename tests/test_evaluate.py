@@ -4,8 +4,10 @@ import shutil
 import pytest
 import torch
 
-from raypipe.evaluate import classification_report, ensemble_scores, evaluate_models
+from raypipe.evaluate import evaluate_models
+from raypipe.metrics import classification_report, ensemble_scores
 from raypipe.models import build_backbone
+from raypipe.transforms import normalize
 
 
 def models(n=2):
@@ -17,7 +19,6 @@ def models(n=2):
 def test_ensemble_of_one_equals_the_model_and_order_is_irrelevant(average):
     a, b = models()
     x = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
-    from raypipe.data import normalize
     with torch.no_grad():
         single = a(normalize(x))
     single = single.softmax(1) if average == "probs" else single
@@ -32,7 +33,6 @@ def test_ensemble_of_one_equals_the_model_and_order_is_irrelevant(average):
 def test_ten_crop_averages_logits_or_probabilities_as_asked():
     a, b = models()
     views = torch.randint(0, 256, (2, 10, 3, 16, 16), dtype=torch.uint8)
-    from raypipe.data import normalize
     with torch.no_grad():
         la, lb = (m(normalize(views.flatten(0, 1))).view(2, 10, -1) for m in (a, b))
     assert torch.allclose(ensemble_scores([a, b], views, average="logits"), (la.mean(1) + lb.mean(1)) / 2, atol=1e-5)
@@ -86,6 +86,7 @@ def test_table_rows_share_one_decode_and_equal_separate_evaluations(ray_cluster,
     """evaluate_rows decodes the split once for every row (the main job's test table) and each row
     scores what evaluate_models scores for it alone."""
     from raypipe import data as D
+    from raypipe import evaluate
     from raypipe.checkpoints import save_model_file
     from raypipe.evaluate import evaluate_rows
     cfg = tiny_config()
@@ -99,7 +100,7 @@ def test_table_rows_share_one_decode_and_equal_separate_evaluations(ray_cluster,
                                    weights=row.get("weights"), out_dir=None) for name, row in rows.items()}
     decodes = []
     real = D.decode_split
-    monkeypatch.setattr(D, "decode_split", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    monkeypatch.setattr(evaluate, "decode_split", lambda *a, **k: decodes.append(1) or real(*a, **k))
     shared = evaluate_rows(cfg.data, "val", rows)
     assert len(decodes) == 1
     for name in rows:
@@ -107,7 +108,7 @@ def test_table_rows_share_one_decode_and_equal_separate_evaluations(ray_cluster,
         assert shared[name]["top1"] == pytest.approx(alone[name]["top1"]) and shared[name]["views"] == alone[name]["views"]
     assert shared["pair_10crop"]["weights"] == [2.0, 1.0] and shared["pair_10crop"]["n_images"] == 32
     # the weighted 10-crop ensemble, computed straight from ensemble_scores on the same views
-    views = D.with_view(real(D.scan_split(cfg.data.root, "val"), cfg.data), "ten_crop", cfg.data)
+    views = D.eval_dataset(real(D.scan_split(cfg.data.root, "val"), cfg.data), cfg.data, view="ten_crop")
     batches = list(views.iter_torch_batches(batch_size=64))
     scores = torch.cat([ensemble_scores(models(2), b["views"], [2.0, 1.0]) for b in batches])
     labels = torch.cat([b["label"] for b in batches])

@@ -8,9 +8,8 @@ import torchvision
 
 from raypipe.cli import main
 from raypipe.config import load_config
-from raypipe.checkpoints import CheckpointError, load_model_file, save_model_file
+from raypipe.checkpoints import CheckpointError, load_classifier, load_model_file, save_model_file
 from raypipe.models import build_backbone
-from raypipe.student import load_classifier
 
 CLASSES = ["circle", "square", "star", "stripes"]
 

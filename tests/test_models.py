@@ -113,14 +113,14 @@ def test_contrastive_step_uses_the_queue_before_enqueueing_the_batch():
     from raypipe.losses import margin_nce_loss
     from raypipe.loop import Runtime
     from raypipe.methods.moco import MoCoMargin
-    cfg = load_config(overrides=["teacher.proj_hidden=16", "teacher.proj_dim=4", "teacher.queue_size=8",
-                                 "teacher.batch_size=4", "teacher.margin=0.4", "teacher.temperature=0.2"])
+    cfg = load_config(overrides=["teacher.moco.proj_hidden=16", "teacher.moco.proj_dim=4", "teacher.moco.queue_size=8",
+                                 "teacher.batch_size=4", "teacher.moco.margin=0.4", "teacher.moco.temperature=0.2"])
     method = MoCoMargin(cfg)
     m = method.model.eval()  # eval: deterministic keys, so q and k can be recomputed
     queue_before = m.queue.clone()
     x = torch.randn(4, 3, 16, 16)
     rt = Runtime(torch.device("cpu"), None, False, 1, 0)
-    loss, metrics = method.training_step(m, x, x, rt)
+    loss, metrics = method.training_step(m, [x, x], rt)
     k = m.queue[:4].clone()             # this batch's keys were enqueued at the pointer (0)
     assert int(m.queue_ptr) == 4 and torch.equal(m.queue[4:], queue_before[4:])
     with torch.no_grad():
@@ -213,7 +213,8 @@ def test_teacher_bn_mode_switch():
 
 
 def test_ce_only_warmup_zeroes_lambda():
-    cfg = load_config(overrides=["student.ce_only_epochs=3", "student.distill_weight=0.01", "student.backbone=resnet18"])
+    cfg = load_config(overrides=["student.ofd.ce_only_epochs=3", "student.ofd.distill_weight=0.01",
+                                 "student.backbone=resnet18"])
     state = build_backbone("resnet18", True)[0].state_dict()
     assert [build_distiller(cfg, 4, state).weight_at(e) for e in range(5)] == [0, 0, 0, 0.01, 0.01]
     sup = cfg.with_overrides({"student.mode": "finetune"})

@@ -1,6 +1,7 @@
 """Multi-node behaviour on a simulated cluster: a head and two worker "nodes" on this machine
 (ray.cluster_utils.Cluster), shared storage in a folder, Train workers forced onto different
 nodes with STRICT_SPREAD."""
+import io
 import json
 from pathlib import Path
 
@@ -9,13 +10,16 @@ import pytest
 from test_teacher import _queue_probe
 
 
+pytestmark = pytest.mark.e2e   # (conftest runs these tests last: they stop the session's local cluster)
+
+
 @pytest.fixture(scope="module")
-def three_nodes(ray_cluster):
+def three_nodes():
     import ray
     from ray.cluster_utils import Cluster
 
     from raypipe.cluster import ensure_ray
-    ray.shutdown()   # never two Ray clusters on one host: park the session's local one
+    ray.shutdown()   # never two Ray clusters on one host: stop the session's local one, if any
     # the head carries the drivers' custom resource, as in cluster.yaml
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"raypipe_driver": 1}})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
@@ -24,7 +28,6 @@ def three_nodes(ray_cluster):
     yield cluster, nodes
     ray.shutdown()
     cluster.shutdown()
-    ensure_ray(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
 
 
 def test_queue_keys_from_workers_on_two_nodes(three_nodes, tmp_path):
@@ -37,7 +40,7 @@ def test_queue_keys_from_workers_on_two_nodes(three_nodes, tmp_path):
     assert m["queues_equal"] and m["queue_values"] == [1.0, 1.0, 2.0, 2.0] and m["shuffle_ok"]
 
 
-@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_phase1_and_a_tune_trial_across_nodes_then_the_nodes_go_away(three_nodes, tiny_config, tmp_path,
                                                                        s3_server):
     """Phase 1 on two nodes with checkpoints in S3; a node that hosts a worker is removed mid-run and
@@ -51,13 +54,13 @@ def test_phase1_and_a_tune_trial_across_nodes_then_the_nodes_go_away(three_nodes
 
     from raypipe import storage
     from raypipe.storage import Outputs
-    from raypipe.teacher import pretrain
+    from raypipe.phase import pretrain
     from raypipe.tune import stage1
     cluster, workers = three_nodes
     head = cluster.head_node.node_id
     runs = f"{s3_server}/multinode/runs"
     cfg = tiny_config("name=mn", "resources.num_workers=2", "resources.placement_strategy=STRICT_SPREAD",
-                      f"resources.storage_path={runs}", "teacher.queue_size=32", "teacher.epochs=3",
+                      f"output_dir={runs}", "teacher.moco.queue_size=32", "teacher.epochs=3",
                       "resources.max_failures=1")
     out = {}
     runner = threading.Thread(target=lambda: out.update(final=pretrain(cfg)), daemon=True)
@@ -73,14 +76,13 @@ def test_phase1_and_a_tune_trial_across_nodes_then_the_nodes_go_away(three_nodes
     cluster.remove_node(doomed)                                   # its node goes away mid-run
     runner.join(timeout=400)
     assert "final" in out, "the run did not finish after its node was removed"
-    history = pd.read_csv(tmp_path / "runs" / "mn" / "metrics.csv")
+    history = pd.read_csv(io.StringIO(storage.read_text(f"{runs}/mn/metrics.csv")))   # every file of the run in S3
     assert history["epoch"].tolist() == [0, 1, 2] and history["start_epoch"].max() > 0   # resumed, none lost
     assert out["final"]["nodes"] == 2 and out["final"]["world_size"] == 2
     assert out["final"]["checkpoint"].startswith(f"{runs}/mn/train/")
 
     # a Tune trial across both worker nodes, everything in the (S3) storage; then the nodes go away
-    from raypipe import storage
-    tcfg = cfg.with_overrides({"tune.teacher_trials": 1, "resources.storage_path": "", "teacher.epochs": 1})
+    tcfg = cfg.with_overrides({"tune.teacher_trials": 1, "teacher.epochs": 1})
     exp = f"{s3_server}/multinode/exp"
     record = stage1(tcfg, {"storage": exp}, Outputs(exp), 64, ["circle", "square", "star", "stripes"])
     drivers = list_actors(filters=[("class_name", "=", "ImplicitFunc")], detail=True)

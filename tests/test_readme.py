@@ -47,7 +47,8 @@ def test_the_docs_have_the_commands_this_test_checks():
 
 @pytest.mark.parametrize("doc,words", COMMANDS, ids=[f"{d}:{' '.join(c)[:60]}" for d, c in COMMANDS])
 def test_command_as_written(doc, words):
-    from raypipe.cli import _load, build_parser, parse_args
+    from raypipe.cli import _load, build_parser
+    from raypipe.config import parse_args_with_overrides
     from raypipe.tune import build_config
     from raypipe.tune import parse_args as main_job_parse
 
@@ -57,7 +58,7 @@ def test_command_as_written(doc, words):
         assert cfg.tune.experiment
         return
     if words[0] == "raypipe":
-        args = parse_args(build_parser(), words[1:])   # e.g. key=value after the flags is accepted
+        args = parse_args_with_overrides(build_parser(), words[1:])   # e.g. key=value after the flags is accepted
         if hasattr(args, "overrides") and getattr(args, "config", None) is not None or \
                 args.command in ("pretrain", "distill", "config"):
             _load(args)                               # the config file exists and every override is valid

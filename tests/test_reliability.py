@@ -14,9 +14,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from raypipe.config import ConfigError
-from raypipe.student import train_student
-from raypipe.teacher import pretrain
+from raypipe.errors import ConfigError
+from raypipe.phase import pretrain, train_student
 
 
 def leftovers():
@@ -39,16 +38,17 @@ def assert_clean(timeout=30.0):
         time.sleep(1)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("phase", ["pretrain", "distill"])
 def test_killed_worker_restarts_from_last_checkpoint(ray_cluster, tiny_config, trained_teacher, tmp_path, phase):
     from ray.util.state import list_actors
     common = ("name=kill", "resources.num_workers=2", "resources.max_failures=2")
     if phase == "pretrain":
-        cfg = tiny_config(*common, "teacher.epochs=4", "teacher.queue_size=32")
+        cfg = tiny_config(*common, "teacher.epochs=4", "teacher.moco.queue_size=32")
         run = lambda: pretrain(cfg)  # noqa: E731
     else:
-        cfg = tiny_config(*common, "student.epochs=4", "student.mode=distill", "student.ce_only_epochs=1")
+        cfg = tiny_config(*common, "student.epochs=4", "student.mode=distill", "student.ofd.ce_only_epochs=1")
         run = lambda: train_student(cfg, trained_teacher)  # noqa: E731
     out = {}
     runner = threading.Thread(target=lambda: out.update(final=run()), daemon=True)
@@ -73,6 +73,8 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_cluster, tiny_config, t
     assert_clean()
 
 
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
 def test_torn_newest_checkpoint_falls_back_to_previous(ray_cluster, tiny_config, tmp_path, capfd):
     cfg = tiny_config("name=torn", "resources.num_workers=1", "teacher.epochs=2", "resources.keep_checkpoints=3")
     pretrain(cfg)
@@ -95,6 +97,8 @@ def _encode(img, fmt, **kw):
     return buf.getvalue()
 
 
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
 def test_bad_images_are_converted_or_skipped_and_counted(ray_cluster, tiny_config, tiny_data, tmp_path):
     root = tmp_path / "mixed"
     shutil.copytree(tiny_data, root)
@@ -125,7 +129,7 @@ def test_bad_images_are_converted_or_skipped_and_counted(ray_cluster, tiny_confi
 
 
 def test_impossible_worker_count_fails_before_any_resource_is_asked(ray_cluster, tiny_config):
-    cfg = tiny_config("name=toomany", "resources.num_workers=64", "teacher.batch_size=1", "teacher.queue_size=64")
+    cfg = tiny_config("name=toomany", "resources.num_workers=64", "teacher.batch_size=1", "teacher.moco.queue_size=64")
     started = time.time()
     with pytest.raises(ConfigError, match="num_workers=64.*cluster has CPU 2"):
         pretrain(cfg)
@@ -139,14 +143,16 @@ def test_queue_longer_than_the_training_set_fails_before_anything_starts(tiny_co
     import ray
 
     ray_was_up = ray.is_initialized()
-    cfg = tiny_config("name=longqueue", "teacher.queue_size=72")
-    with pytest.raises(ConfigError, match=r"queue_size=72 exceeds the 64 training images.*use at most 64"):
+    cfg = tiny_config("name=longqueue", "teacher.moco.queue_size=72")
+    with pytest.raises(ConfigError,
+                       match=r"teacher\.moco\.queue_size=72 exceeds the 64 training images.*use at most 64"):
         pretrain(cfg)
     assert ray.is_initialized() == ray_was_up
     assert not (Path(cfg.output_dir) / "longqueue").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
 def test_cold_autoscaling_cluster_gets_gpu_requests_not_cpu_training(ray_cluster, tiny_data, tmp_path):
     """resources.use_gpu=true on an autoscaling cluster whose GPU nodes do not exist yet: the run
     asks for GPUs (a pending placement group with GPU bundles, what the autoscaler launches nodes

@@ -1,12 +1,13 @@
-"""experiments/cifar10_50.py: its steps are valid raypipe commands, and the table it writes
-from run folders computes seed statistics and val decisions correctly (no Ray, no training)."""
-import importlib.util
+"""experiments/cifar10_50.py (on the step engine of experiments/steps.py): its steps are valid
+raypipe commands, and the table it writes from run folders computes seed statistics and val
+decisions correctly (no Ray, no training)."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from experiments import cifar10_50, teacher_study, tinyimagenet_50
+from experiments.steps import Step
 from raypipe.cli import _load, build_parser
 from raypipe.models import arch_of
 
@@ -15,15 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def repro(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("cifar10_50", REPO / "experiments" / "cifar10_50.py")
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "cifar10_50", mod)  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    monkeypatch.setattr(mod, "RUNS", tmp_path / "runs")
-    monkeypatch.setattr(mod, "RECORDS", tmp_path / "records")
-    monkeypatch.setattr(mod, "RESULTS", tmp_path / "results.md")
+    """The CIFAR-10 runner, its run folders, records and table under tmp_path."""
     monkeypatch.chdir(REPO)  # config paths in the steps are relative to the repository
-    return mod
+    return cifar10_50.Cifar10(runs=tmp_path / "runs", records=tmp_path / "records", results=tmp_path / "results.md")
 
 
 def put(path: Path, payload: dict) -> None:
@@ -32,28 +27,28 @@ def put(path: Path, payload: dict) -> None:
 
 
 def fake_student(mod, run: str, val: float, test: float, wall: float = 60.0) -> None:
-    put(mod.RECORDS / run / "metrics.json", {"val_top1": val})
-    put(mod.RECORDS / "eval" / f"{run}_test" / "report.json", {"top1": test, "views": "centre crop",
+    put(mod.records / run / "metrics.json", {"val_top1": val})
+    put(mod.records / "eval" / f"{run}_test" / "report.json", {"top1": test, "views": "centre crop",
                                                                      "n_images": 10000})
     for step in (run, f"eval_{run}_test"):
-        put(mod.RECORDS / "steps" / f"{step}.json", {"name": step, "argv": ["raypipe", step], "rc": 0,
+        put(mod.records / "steps" / f"{step}.json", {"name": step, "argv": ["raypipe", step], "rc": 0,
                                                   "wall_s": wall, "machine": "test box"})
 
 
 def test_every_step_is_a_valid_command_with_a_valid_config(repro):
     names = [s.name for s in repro.known_steps("DATA")]
-    assert names[:2] == ["probe_random", f"pretrain_{repro.MAIN_TEACHER}"]   # the baseline of every teacher's gain
+    assert names[:2] == ["probe_random", f"pretrain_{cifar10_50.MAIN_TEACHER}"]   # the baseline of every teacher's gain
     assert names[-2:] == ["finetune_s0", "eval_finetune_s0_test"]
     fake_student(repro, "distill_s0", 42.0, 43.0)
     fake_student(repro, "distill_l1e-4_s0", 44.0, 45.0)   # lambda 1e-4 wins on val
     fake_student(repro, "tricks_s0", 40.0, 41.0)           # tricks lose on val
     names = [s.name for s in repro.known_steps("DATA")]
     assert names[-1] == "eval_distill_l1e-4_s0_10crop_test"  # the ensemble waits for the 10-crop decision
-    put(repro.RECORDS / "eval" / "distill_l1e-4_s0_10crop_val" / "report.json", {"top1": 45.0})  # 10-crop helps
+    put(repro.records / "eval" / "distill_l1e-4_s0_10crop_val" / "report.json", {"top1": 45.0})  # 10-crop helps
     steps = repro.known_steps("DATA")
     names = [s.name for s in steps]
     assert len(names) == len(set(names))
-    assert {f"{r}_s{s}" for r in ("supervised", "distill_l1e-4") for s in repro.SEEDS} <= set(names)
+    assert {f"{r}_s{s}" for r in ("supervised", "distill_l1e-4") for s in cifar10_50.SEEDS} <= set(names)
     assert "distill_s1" not in names and "tricks_s1" not in names
     assert {"pretrain_m0_k128_s1", "s1_distill_s0", "s1_distill_l2.5e-5_s0", "s1_supervised_s0",
             "supervised_budget_s0"} <= set(names)
@@ -69,7 +64,7 @@ def test_every_step_is_a_valid_command_with_a_valid_config(repro):
             assert (args.teacher is None) == (cfg.student.mode == "supervised")
             assert cfg.student.seed == int(step.name.rsplit("_s", 1)[1])
             if step.name.startswith("tricks"):  # the tricks sit on the val-chosen lambda
-                assert cfg.student.distill_weight == 1e-4 and cfg.student.autoaugment == "cifar10"
+                assert cfg.student.ofd.distill_weight == 1e-4 and cfg.student.autoaugment == "cifar10"
             if args.teacher:  # each student is paired with a teacher of its own architecture
                 assert teacher_arch[args.teacher] == arch_of(cfg.student), step.name
     assert teacher_arch[str(repro.teacher_file("m0_k128_s1"))]["stem_stride"] == 1
@@ -78,8 +73,8 @@ def test_every_step_is_a_valid_command_with_a_valid_config(repro):
     assert "distill_l1e-4_s0" in " ".join(ensemble.argv)  # tricks lost on val: plain distillation x2
     assert "--ten-crop" in ensemble.argv
     # a step counts as done only for the command it was run with
-    repro.RUNS.joinpath("eval", "ensemble_test").mkdir(parents=True)
-    repro.RUNS.joinpath("eval", "ensemble_test", "report.json").write_text("{}")
+    repro.runs.joinpath("eval", "ensemble_test").mkdir(parents=True)
+    repro.runs.joinpath("eval", "ensemble_test", "report.json").write_text("{}")
     put(repro.kept(repro.record_path(ensemble)), {"rc": 0, "argv": ["raypipe", *ensemble.argv]})
     assert repro.is_done(ensemble)
     put(repro.kept(repro.record_path(ensemble)), {"rc": 0, "argv": ["raypipe", *ensemble.argv[:-1]]})
@@ -87,16 +82,16 @@ def test_every_step_is_a_valid_command_with_a_valid_config(repro):
 
 
 def test_table_statistics_and_val_decisions(repro):
-    repro.RESULTS.write_text(f"# Results\n\nhand-written intro\n\n{repro.BEGIN}\nold\n{repro.END}\n\nDiscussion.\n")
+    repro.results.write_text(f"# Results\n\nhand-written intro\n\n{repro.BEGIN}\nold\n{repro.END}\n\nDiscussion.\n")
     for seed, (val, test) in enumerate([(30, 31), (32, 33), (34, 35)]):
         fake_student(repro, f"supervised_s{seed}", val, test)
     for seed, (val, test) in enumerate([(40, 41), (42, 43), (44, 48)]):
         fake_student(repro, f"distill_s{seed}", val, test)
     fake_student(repro, "distill_l1e-4_s0", 39.0, 50.0)  # loses on val: its test number must not matter
     fake_student(repro, "tricks_s0", 45.0, 46.0)  # beats distill_s0 on val: kept
-    put(repro.RECORDS / "eval" / "tricks_s0_10crop_val" / "report.json", {"top1": 44.5})  # worse on val
-    put(repro.RECORDS / "eval" / "ensemble_val" / "report.json", {"top1": 47.0, "views": "centre crop"})
-    put(repro.RECORDS / "eval" / "ensemble_test" / "report.json", {"top1": 49.0, "n_images": 9999})
+    put(repro.records / "eval" / "tricks_s0_10crop_val" / "report.json", {"top1": 44.5})  # worse on val
+    put(repro.records / "eval" / "ensemble_val" / "report.json", {"top1": 47.0, "views": "centre crop"})
+    put(repro.records / "eval" / "ensemble_test" / "report.json", {"top1": 49.0, "n_images": 9999})
     assert repro.chosen_distill() == "distill"
     assert repro.chain_recipe() == "tricks" and not repro.ten_crop_helps("tricks")
     steps = repro.known_steps("DATA")
@@ -113,11 +108,11 @@ def test_table_statistics_and_val_decisions(repro):
     fake_student(repro, "s1_distill_l2.5e-5_s1", 40.0, 42.0)
     put(repro.kept(repro.probe_file("random")), {"val_knn_top1": 21.0, "test_knn_top1": 20.0, "val_top1": 25.0,
                                                   "test_top1": 24.0})
-    put(repro.kept(repro.probe_file(repro.MAIN_TEACHER)), {"val_knn_top1": 30.0, "test_knn_top1": 32.5,
+    put(repro.kept(repro.probe_file(cifar10_50.MAIN_TEACHER)), {"val_knn_top1": 30.0, "test_knn_top1": 32.5,
                                                             "val_top1": 35.0, "test_top1": 34.0})
     put(repro.kept(repro.probe_file("m0_k480_e40")), {"val_knn_top1": 28.0, "test_knn_top1": 27.0})
     repro.write_table(steps)
-    doc = repro.RESULTS.read_text()
+    doc = repro.results.read_text()
     rows = {line.split("|")[1].strip(): line for line in doc.splitlines() if line.startswith("|")}
     assert rows["supervised from scratch"].endswith("| 41.27 | 27.9 |")   # before the fixes, then the paper
     assert rows["phase 1 + linear probe"].endswith("| 35.00 | 34.00 | - | 28.71 | 34.5 |")
@@ -140,16 +135,12 @@ def test_table_statistics_and_val_decisions(repro):
     ensemble = [s for s in steps if s.name == "eval_ensemble_test"][0]
     assert "tricks_s0" in " ".join(ensemble.argv) and "distill_s1" in " ".join(ensemble.argv)
     repro.write_table(steps)  # regenerating is idempotent
-    assert repro.RESULTS.read_text() == doc
+    assert repro.results.read_text() == doc
 
 
-def test_teacher_study_steps_are_valid_commands_and_its_table_reads_the_probes(repro, monkeypatch):
-    from raypipe.cli import parse_args
-    spec = importlib.util.spec_from_file_location("teacher_study", REPO / "experiments" / "teacher_study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
-    monkeypatch.setattr(study, "repro", repro)            # run folders under tmp_path
-    monkeypatch.setattr(study, "RESULTS", repro.RESULTS)
+def test_teacher_study_steps_are_valid_commands_and_its_table_reads_the_probes(repro):
+    from raypipe.config import parse_args_with_overrides as parse_args
+    study = teacher_study.TeacherStudy(runs=repro.runs, records=repro.records, results=repro.results)  # tmp_path
     epochs = {}
     for step in study.steps("DATA"):
         args = parse_args(build_parser(), step.argv)
@@ -160,35 +151,29 @@ def test_teacher_study_steps_are_valid_commands_and_its_table_reads_the_probes(r
         else:  # every probe picks its lr on val and reports test
             assert args.split == ["val", "test"] and (args.random_init or args.teacher)
     expected = {f"teacher_{arm}": next((int(o.split("=")[1]) for o in overrides if o.startswith("teacher.epochs=")), 100)
-                for arm, overrides in study.ARMS.items()}   # base.yaml's 100 unless an arm overrides it
+                for arm, overrides in teacher_study.ARMS.items()}   # base.yaml's 100 unless an arm overrides it
     assert epochs == expected and expected["teacher_study_e400"] == 400
-    put(repro.kept(repro.probe_file(study.RANDOM)), {"val_knn_top1": 21.0, "test_knn_top1": 20.0, "val_top1": 20.0,
-                                         "test_top1": 19.0, "probe_lr": 1.0})
+    put(repro.kept(repro.probe_file(teacher_study.RANDOM)), {"val_knn_top1": 21.0, "test_knn_top1": 20.0,
+                                                             "val_top1": 20.0, "test_top1": 19.0, "probe_lr": 1.0})
     put(repro.kept(repro.probe_file("study_e400")), {"val_knn_top1": 40.5, "test_knn_top1": 39.0, "val_top1": 41.0,
                                          "test_top1": 40.0, "probe_lr": 10.0})
     study.write_table()
-    row = [line for line in repro.RESULTS.read_text().splitlines() if line.startswith("| `study_e400`")][0]
+    row = [line for line in repro.results.read_text().splitlines() if line.startswith("| `study_e400`")][0]
     assert "| 40.50 | 19.50 | 39.00 | 19.00 | 41.00 | 40.00 | 10.0 |" in row   # k-NN, gain over random, ...
-    random_row = [line for line in repro.RESULTS.read_text().splitlines() if line.startswith("| random")][0]
+    random_row = [line for line in repro.results.read_text().splitlines() if line.startswith("| random")][0]
     assert "| 21.00 | - | 20.00 | - | 20.00 | 19.00 |" in random_row
 
 
 def test_tinyimagenet_runner_steps_and_table(tmp_path, monkeypatch):
     """experiments/tinyimagenet_50.py: valid commands on its own configs (200 classes' recipe), its
     steps recorded under its own folder, and a table with the gaps and the teacher's gain."""
-    from raypipe.cli import parse_args
+    from raypipe.config import parse_args_with_overrides as parse_args
     monkeypatch.chdir(REPO)
-    spec = importlib.util.spec_from_file_location("tinyimagenet_50", REPO / "experiments" / "tinyimagenet_50.py")
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    lib = tiny.steps_lib
-    for module in (lib, tiny):
-        monkeypatch.setattr(module, "RUNS", tmp_path / "runs")
-        monkeypatch.setattr(module, "RECORDS", tmp_path / "records")
+    tiny = tinyimagenet_50.TinyImageNet(runs=tmp_path / "runs", records=tmp_path / "records")
     steps = tiny.steps("DATA")
     names = [s.name for s in steps]
     assert names[:3] == ["probe_random", "pretrain_teacher", "probe_teacher"] and len(names) == len(set(names))
-    pilots = [f"pretrain_{pilot}" for pilot in tiny.PILOTS]
+    pilots = [f"pretrain_{pilot}" for pilot in tinyimagenet_50.PILOTS]
     assert names[3:3 + len(pilots)] == pilots                        # the pilots run before any student
     assert {"supervised_s0", "supervised_s1", "distill_s0", "distill_s1", "finetune_s0",
             "supervised_budget_s0", "distill_l1e-5_s0"} <= set(names) and "finetune_s1" not in names
@@ -203,22 +188,22 @@ def test_tinyimagenet_runner_steps_and_table(tmp_path, monkeypatch):
         if step.name in pilots:
             assert cfg.teacher.epochs == 10 and step.argv[-2:] == ["--name", step.name.replace("pretrain_", "teacher_")]
         resolution[step.name] = cfg.data.resolution
-    for pilot in tiny.PROBED_PILOTS:   # a pilot and its random baseline are probed at the pilot's resolution
+    for pilot in tinyimagenet_50.PROBED_PILOTS:   # a pilot and its random baseline are probed at the pilot's resolution
         assert resolution[f"probe_{pilot}"] == resolution[f"probe_random_{pilot}"] == resolution[f"pretrain_{pilot}"]
     assert resolution["pretrain_pilot_e10_64px"] == 64 and resolution["probe_random"] == 32
-    assert lib.record_path(steps[0]).parent == tmp_path / "runs" / "steps"  # not the CIFAR runner's folder
+    assert tiny.record_path(steps[0]).parent == tmp_path / "runs" / "steps"  # not the CIFAR runner's folder
     for seed, (sup, dis) in enumerate([(20.0, 30.0), (22.0, 34.0)]):
         for recipe, test in (("supervised", sup), ("distill", dis)):
-            put(lib.RECORDS / f"{recipe}_s{seed}" / "metrics.json", {"val_top1": test - 1})
-            put(lib.RECORDS / "eval" / f"{recipe}_s{seed}_test" / "report.json", {"top1": test})
-    put(lib.RECORDS / "eval" / "supervised_budget_s0_test" / "report.json", {"top1": 25.0})
-    put(lib.RECORDS / "supervised_budget_s0" / "metrics.json", {"val_top1": 24.0})
-    put(lib.kept(tiny.probe_file("random")), {"val_knn_top1": 5.0, "test_knn_top1": 4.0, "val_top1": 6.0,
+            put(tiny.records / f"{recipe}_s{seed}" / "metrics.json", {"val_top1": test - 1})
+            put(tiny.records / "eval" / f"{recipe}_s{seed}_test" / "report.json", {"top1": test})
+    put(tiny.records / "eval" / "supervised_budget_s0_test" / "report.json", {"top1": 25.0})
+    put(tiny.records / "supervised_budget_s0" / "metrics.json", {"val_top1": 24.0})
+    put(tiny.kept(tiny.probe_file("random")), {"val_knn_top1": 5.0, "test_knn_top1": 4.0, "val_top1": 6.0,
                                               "test_top1": 5.5})
-    put(lib.kept(tiny.probe_file("teacher")), {"val_knn_top1": 12.5, "test_knn_top1": 11.0, "val_top1": 15.0,
+    put(tiny.kept(tiny.probe_file("teacher")), {"val_knn_top1": 12.5, "test_knn_top1": 11.0, "val_top1": 15.0,
                                                "test_top1": 14.0})
-    (lib.RECORDS / "teacher_pilot_e10_m0").mkdir(parents=True)
-    (lib.RECORDS / "teacher_pilot_e10_m0" / "metrics.csv").write_text("epoch,knn_top1\n0,\n4,3.0\n9,4.5\n")
+    (tiny.records / "teacher_pilot_e10_m0").mkdir(parents=True)
+    (tiny.records / "teacher_pilot_e10_m0" / "metrics.csv").write_text("epoch,knn_top1\n0,\n4,3.0\n9,4.5\n")
     doc = tiny.table(steps)
     assert "| `pilot_e10_m0` | teacher.epochs=10 teacher.margin=0 | 5:3.0 10:4.5 |" in doc
     assert "| `pilot_e10` | teacher.epochs=10 | - |" in doc                  # not run yet
@@ -227,18 +212,18 @@ def test_tinyimagenet_runner_steps_and_table(tmp_path, monkeypatch):
     assert "minus the budget-matched supervised run: **+7.00 points**" in doc  # 32 - 25
     # the lambda check: 1e-5 wins on val (30 > 29) although its test is lower; it gets the second seed
     # and the gap, 1e-4's better test does not count
-    put(lib.RECORDS / "distill_l1e-5_s0" / "metrics.json", {"val_top1": 30.0})
-    put(lib.RECORDS / "eval" / "distill_l1e-5_s0_test" / "report.json", {"top1": 27.0})
+    put(tiny.records / "distill_l1e-5_s0" / "metrics.json", {"val_top1": 30.0})
+    put(tiny.records / "eval" / "distill_l1e-5_s0_test" / "report.json", {"top1": 27.0})
     assert [s.name for s in tiny.steps("DATA")][-2:] == ["distill_l1e-5_s1", "eval_distill_l1e-5_s1_test"]
     doc = tiny.table(tiny.steps("DATA"))
     assert "Lambda chosen on val (seed 0, 1e-4 vs 1e-5): **1e-5**." in doc
     assert "Phase 1 + phase 2 (lambda 1e-5) minus supervised (test, seed means): **+6.00 points**" in doc  # 27 - 21
-    put(lib.RECORDS / "distill_l1e-5_s0" / "metrics.json", {"val_top1": 28.0})   # now 1e-4 wins on val (29)
+    put(tiny.records / "distill_l1e-5_s0" / "metrics.json", {"val_top1": 28.0})   # now 1e-4 wins on val (29)
     assert "distill_l1e-5_s1" not in [s.name for s in tiny.steps("DATA")]
     assert "| gain over random weights | +7.50 | +7.00 | +9.00 | +8.50 |" in doc
-    put(lib.kept(tiny.probe_file("random_pilot_e10_64px")), {"val_knn_top1": 4.0, "test_knn_top1": 3.0,
+    put(tiny.kept(tiny.probe_file("random_pilot_e10_64px")), {"val_knn_top1": 4.0, "test_knn_top1": 3.0,
                                                              "val_top1": 5.0, "test_top1": 4.5})
-    put(lib.kept(tiny.probe_file("pilot_e10_64px")), {"val_knn_top1": 6.0, "test_knn_top1": 5.5,
+    put(tiny.kept(tiny.probe_file("pilot_e10_64px")), {"val_knn_top1": 6.0, "test_knn_top1": 5.5,
                                                       "val_top1": 9.0, "test_top1": 8.0})
     doc = tiny.table(steps)
     assert "| `pilot_e10_64px` (10 epochs) | 6.00 | 5.50 | 9.00 | 8.00 |\n| gain over random weights | +2.00 | " \
@@ -249,26 +234,33 @@ def test_tinyimagenet_runner_steps_and_table(tmp_path, monkeypatch):
 def test_records_outlive_the_run_folder_and_finished_steps_rerun_only_when_needed(repro, tmp_path):
     """The tables and the resume read the committed records, not runs/ (which a new machine lacks)."""
     import shutil
-    demo = repro.RUNS / "demo"
-    step = repro.Step("demo", ["demo-data", str(demo), "--train", "1", "--val", "1", "--test", "1", "--size", "8"],
-                      demo / "train")
-    (repro.RUNS / "teacher_t" / "local_checkpoints").mkdir(parents=True)
-    (repro.RUNS / "teacher_t" / "teacher.pt").write_bytes(b"model")
-    (repro.RUNS / "teacher_t" / "local_checkpoints" / "state.pt").write_bytes(b"state")
-    (repro.RUNS / "teacher_t" / "metrics.csv").write_text("epoch,knn_top1\n4,30.0\n9,33.5\n")
-    put(repro.RUNS / "teacher_t" / "probe.json", {"val_top1": 40.0})
+    demo = repro.runs / "demo"
+    step = Step("demo", ["demo-data", str(demo), "--train", "1", "--val", "1", "--test", "1", "--size", "8"],
+                demo / "train")
+    (repro.runs / "teacher_t" / "local_checkpoints").mkdir(parents=True)
+    (repro.runs / "teacher_t" / "teacher.pt").write_bytes(b"model")
+    (repro.runs / "teacher_t" / "local_checkpoints" / "state.pt").write_bytes(b"state")
+    (repro.runs / "teacher_t" / "metrics.csv").write_text("epoch,knn_top1\n4,30.0\n9,33.5\n")
+    put(repro.runs / "teacher_t" / "probe.json", {"val_top1": 40.0})
+    report = {"split": "test", "models": ["m.pt"], "views": "centre crop", "n_images": 3, "top1": 100 / 3,
+              "top5": 100.0, "per_class_top1": {"a": 50.0, "b": 0.0}, "confusion": [[1, 1], [0, 1]]}
+    put(repro.runs / "eval" / "x_test" / "report.json", report)
     repro.run_step(step)   # a real raypipe command; its record and the small files of runs/ are kept
-    kept = {p.relative_to(repro.RECORDS).as_posix() for p in repro.RECORDS.rglob("*") if p.is_file()}
-    assert kept == {"steps/demo.json", "teacher_t/metrics.csv", "teacher_t/probe.json"}
-    shutil.rmtree(repro.RUNS)  # a new machine: no models, no run folders
-    assert repro.succeeded(step) and repro.load(repro.RUNS / "teacher_t" / "probe.json") == {"val_top1": 40.0}
+    kept = {p.relative_to(repro.records).as_posix() for p in repro.records.rglob("*") if p.is_file()}
+    # no model, no checkpoint
+    assert kept == {"steps/demo.json", "teacher_t/metrics.csv", "teacher_t/probe.json", "eval/x_test/report.json"}
+    # an eval report is kept without its per-class data, its numbers unchanged
+    trimmed = {k: v for k, v in report.items() if k not in ("per_class_top1", "confusion")}
+    assert repro.load(repro.runs / "eval" / "x_test" / "report.json") == trimmed
+    shutil.rmtree(repro.runs)  # a new machine: no models, no run folders
+    assert repro.succeeded(step) and repro.load(repro.runs / "teacher_t" / "probe.json") == {"val_top1": 40.0}
     assert repro.knn_curve("t") == "5:30.0 10:33.5"
     assert "raypipe demo-data" in "\n".join(repro.commands_block([step]))
 
-    teacher = repro.Step("pretrain_t", ["pretrain", "D", "--name", "teacher_t"], repro.teacher_file("t"))
-    student = repro.Step("s_s0", ["distill", "D", "--teacher", str(repro.teacher_file("t"))], repro.student_file("s_s0"))
+    teacher = Step("pretrain_t", ["pretrain", "D", "--name", "teacher_t"], repro.teacher_file("t"))
+    student = Step("s_s0", ["distill", "D", "--teacher", str(repro.teacher_file("t"))], repro.student_file("s_s0"))
     evaluate = repro.evaluate("D", "s_s0_test", ["s_s0"], "test")
-    later = repro.Step("s_s1", ["distill", "D", "--teacher", str(repro.teacher_file("t"))], repro.student_file("s_s1"))
+    later = Step("s_s1", ["distill", "D", "--teacher", str(repro.teacher_file("t"))], repro.student_file("s_s1"))
     for done in (teacher, student, evaluate):
         put(repro.kept(repro.record_path(done)), {"rc": 0, "argv": ["raypipe", *done.argv]})
     put(repro.kept(evaluate.output), {"top1": 50.0})
@@ -281,11 +273,11 @@ def test_a_step_rerun_after_an_unfinished_attempt_counts_both_attempts_and_keeps
     """A long step is resumed from its checkpoint in a later sitting: its record's wall time is that
     of all its attempts (the budget-matched baseline is sized by it) and its log keeps the first."""
     import time
-    blocker = repro.RUNS / "demo"
+    blocker = repro.runs / "demo"
     blocker.parent.mkdir(parents=True)
     blocker.write_text("a file where the step writes a folder")   # the first attempt fails
-    step = repro.Step("demo", ["demo-data", str(blocker / "data"), "--train", "1", "--val", "1", "--test", "1",
-                               "--size", "8"], blocker / "data" / "train")
+    step = Step("demo", ["demo-data", str(blocker / "data"), "--train", "1", "--val", "1", "--test", "1",
+                         "--size", "8"], blocker / "data" / "train")
     t0 = time.time()
     with pytest.raises(SystemExit, match="failed with exit code"):
         repro.run_step(step)
@@ -298,43 +290,45 @@ def test_a_step_rerun_after_an_unfinished_attempt_counts_both_attempts_and_keeps
     rec = repro.load(repro.record_path(step))
     assert repro.succeeded(step) and rec["attempts"] == 2
     assert second_s + 0.5 * first_s < rec["wall_s"] <= second_s + first_s + 1
-    log = (repro.RUNS / "logs" / "demo.log").read_text()
+    log = (repro.runs / "logs" / "demo.log").read_text()
     assert "attempt 1" in log and "Not a directory" in log and "attempt 2" in log
     assert not repro.attempt_path(step).exists()
     repro.run_step(step)   # a finished step run again starts afresh
     assert repro.load(repro.record_path(step))["attempts"] == 1
-    assert "Not a directory" not in (repro.RUNS / "logs" / "demo.log").read_text()
+    assert "Not a directory" not in (repro.runs / "logs" / "demo.log").read_text()
 
 
 def test_table_is_not_rewritten_when_records_are_missing(repro):
     old = "raypipe pretrain D --name teacher_t"
-    repro.RESULTS.write_text(f"# R\n\n{repro.BEGIN}\n```\n{old}\n```\n{repro.END}\ntail\n")
+    repro.results.write_text(f"# R\n\n{repro.BEGIN}\n```\n{old}\n```\n{repro.END}\ntail\n")
     with pytest.raises(SystemExit, match="drop 1 recorded command"):
-        repro.write_block(repro.RESULTS, f"{repro.BEGIN}\nnothing recorded\n{repro.END}")
-    assert old in repro.RESULTS.read_text()
-    repro.write_block(repro.RESULTS, f"{repro.BEGIN}\n```\n{old}   # pretrain_t: 3.0 min, exit 0\n```\n{repro.END}")
-    assert repro.RESULTS.read_text().endswith("exit 0\n```\n<!-- results:end -->\ntail\n")
+        repro.write_block(f"{repro.BEGIN}\nnothing recorded\n{repro.END}")
+    assert old in repro.results.read_text()
+    repro.write_block(f"{repro.BEGIN}\n```\n{old}   # pretrain_t: 3.0 min, exit 0\n```\n{repro.END}")
+    assert repro.results.read_text().endswith("exit 0\n```\n<!-- results:end -->\ntail\n")
 
 
-def test_kept_models_come_back_for_the_steps_that_read_them(repro, monkeypatch):
-    """A teacher in KEPT_MODELS is committed with the records; on a new machine (no runs/) the
-    step that reads it gets it back in runs/, and the teacher's step counts as done."""
+def test_a_gone_model_is_remade_by_its_step_before_a_step_that_reads_it(repro):
+    """Models are not kept in the records: on a new machine (no runs/) a finished step whose model a
+    step still to run reads runs again first (an earlier stage's too); with --only, the run stops and
+    names it unless it was asked for."""
     import shutil
-    monkeypatch.setattr(repro, "KEPT_MODELS", ("teacher_*/teacher.pt",))
-    teacher = repro.Step("pretrain_t", ["pretrain", "D", "--name", "teacher_t"], repro.teacher_file("t"))
-    student = repro.Step("s_s0", ["distill", "D", "--teacher", str(repro.teacher_file("t"))], repro.student_file("s_s0"))
-    repro.teacher_file("t").parent.mkdir(parents=True)
-    repro.teacher_file("t").write_bytes(b"weights")
-    (repro.RUNS / "s_s1").mkdir()
-    (repro.RUNS / "s_s1" / "student.pt").write_bytes(b"student")  # not a kept model
-    put(repro.record_path(teacher), {"rc": 0, "argv": ["raypipe", *teacher.argv]})
-    repro.keep_records()
-    assert (repro.RECORDS / "teacher_t" / "teacher.pt").read_bytes() == b"weights"
-    assert not (repro.RECORDS / "s_s1").exists()
-    shutil.rmtree(repro.RUNS)
-    assert repro.is_done(teacher, [student])  # its model survives in the records: no re-training
-    repro.restore_inputs(student)
-    assert repro.teacher_file("t").read_bytes() == b"weights"
-    repro.teacher_file("t").write_bytes(b"newer")
-    repro.restore_inputs(student)              # a model present in runs/ is never overwritten
-    assert repro.teacher_file("t").read_bytes() == b"newer"
+    made = repro.runs / "made"
+    maker = Step("make", ["demo-data", str(made), "--train", "1", "--val", "1", "--test", "1", "--size", "8"],
+                 made / "train")   # stands for a pretrain step: its output is the model
+    reader = Step("read", ["demo-data", str(maker.output), "--train", "1", "--val", "1", "--test", "1", "--size",
+                           "8"], made / "train" / "train")   # stands for a student: it reads the maker's output
+    repro.run_step(maker)
+    shutil.rmtree(repro.runs)   # a new machine
+    assert repro.succeeded(maker) and not repro.is_done(maker, [reader])
+    with pytest.raises(SystemExit, match="add step make to --only"):
+        repro.run_all([reader], {"read"}, earlier=[maker])
+    with pytest.raises(SystemExit, match="add step make to --only"):
+        repro.run_all([maker, reader], {"read"})
+    assert not maker.output.exists() and not repro.succeeded(reader)
+    repro.run_all([maker, reader], {"make", "read"})   # asked for: re-made, then read
+    assert maker.output.is_dir() and repro.succeeded(reader)
+    shutil.rmtree(repro.runs)
+    repro.kept(repro.record_path(reader)).unlink()      # the reader still to run, in a later stage
+    repro.run_all([reader], None, earlier=[maker])      # an earlier stage's step is re-made too
+    assert maker.output.is_dir() and repro.record_path(maker).is_file() and repro.succeeded(reader)

@@ -1,8 +1,6 @@
 """The search benchmark: its design, and replays of the stored table through the main job's own
 searcher and scheduler (raypipe.search.make_searcher / make_scheduler), so the benchmark keeps
 measuring the real search as the code changes."""
-import importlib.util
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -12,17 +10,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "bench" / "search" / "teachers.csv"
 
 
-def load(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def replay_mod():
-    return load(ROOT / "bench" / "search_replay.py")
+    from bench import search_replay
+    return search_replay
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +29,14 @@ def bench_cfg(replay_mod):
 
 
 def test_design_starts_at_the_recipe_and_fills_the_space():
-    bench = load(ROOT / "experiments" / "search_bench.py")
+    from experiments import search_bench as bench
     points = bench.design(12)
-    assert points[0] == {"teacher.margin": 0.4, "teacher.temperature": 0.2, "teacher.queue_size": 128,
+    assert points[0] == {"teacher.moco.margin": 0.4, "teacher.moco.temperature": 0.2, "teacher.moco.queue_size": 128,
                          "teacher.lr": 0.24}
     for p in points[1:]:
-        assert 0 <= p["teacher.margin"] <= 0.8 and 0.07 <= p["teacher.temperature"] <= 0.5
-        assert p["teacher.queue_size"] in (32, 64, 128, 256, 480) and 0.06 <= p["teacher.lr"] <= 0.96
-    assert len({p["teacher.queue_size"] for p in points}) >= 4  # space-filling, not one corner
+        assert 0 <= p["teacher.moco.margin"] <= 0.8 and 0.07 <= p["teacher.moco.temperature"] <= 0.5
+        assert p["teacher.moco.queue_size"] in (32, 64, 128, 256, 480) and 0.06 <= p["teacher.lr"] <= 0.96
+    assert len({p["teacher.moco.queue_size"] for p in points}) >= 4  # space-filling, not one corner
     assert bench.design(12) == points  # fixed: a resumed run continues the same design
 
 
@@ -132,3 +123,18 @@ def test_the_joint_step_keeps_the_best_student_among_stage_1s_top_teachers(repla
     assert replay_mod.selection_gain(values, "teacher", 6, top=2, against="first")[0] == pytest.approx(32 - 30)
     # chosen on val, scored on test: val and test disagree here, so the choice loses on test
     assert replay_mod.selection_gain(values, "teacher", 6, top=6, score="test")[0] == pytest.approx(30 - 35)
+
+
+def test_a_benchmark_record_keeps_its_command_date_and_machine(tmp_path, monkeypatch):
+    """bench/*.py write their figures to docs/bench/<script>.json, with what produced them."""
+    import json
+
+    from bench import record
+    assert record.default_out(str(ROOT / "bench" / "search_replay.py")) == str(ROOT / "docs" / "bench" /
+                                                                              "search_replay.json")
+    monkeypatch.setattr("sys.argv", [str(ROOT / "bench" / "search_replay.py"), "--seeds", "2", "--plot", ""])
+    record.write_record(tmp_path / "docs" / "r.json", {"target": 36.0})
+    rec = json.loads((tmp_path / "docs" / "r.json").read_text())
+    assert rec["command"] == "python bench/search_replay.py --seeds 2 --plot ''"
+    assert rec["argv"] == ["python", "bench/search_replay.py", "--seeds", "2", "--plot", ""]
+    assert rec["results"] == {"target": 36.0} and rec["date"][:2] == "20" and "CPU cores" in rec["machine"]

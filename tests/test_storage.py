@@ -62,7 +62,8 @@ def test_bad_uris_name_the_uri(s3_server):
         storage.read_bytes(f"{s3_server}/nothing.json")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.timeout(1200)
 def test_standalone_commands_keep_their_runs_in_the_bucket(ray_cluster, s3_server, tiny_data, tmp_path):
     from conftest import TINY
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}

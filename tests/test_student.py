@@ -6,14 +6,16 @@ import pandas as pd
 import pytest
 import torch
 
-from raypipe.config import ConfigError
-from raypipe.checkpoints import CheckpointError
-from raypipe.student import check_teacher, load_classifier, train_student
+from raypipe.checkpoints import load_classifier
+from raypipe.errors import CheckpointError, ConfigError
+from raypipe.phase import train_student
+from raypipe.student import check_teacher
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
 def test_distill_two_workers_end_to_end(ray_cluster, tiny_config, trained_teacher, tmp_path):
-    cfg = tiny_config("name=student", "resources.num_workers=2", "student.epochs=2", "student.ce_only_epochs=1",
+    cfg = tiny_config("name=student", "resources.num_workers=2", "student.epochs=2", "student.ofd.ce_only_epochs=1",
                       "student.mode=distill")
     final = train_student(cfg, trained_teacher)
     run = tmp_path / "runs" / "student"
@@ -22,7 +24,7 @@ def test_distill_two_workers_end_to_end(ray_cluster, tiny_config, trained_teache
     history = pd.read_csv(run / "metrics.csv")
     assert history["epoch"].tolist() == [0, 1] and (history["world_size"] == 2).all()
     # CE-only warm-up: no distillation in epoch 0, then lambda * distill is part of the loss
-    assert history.loc[0, "distill_weight"] == 0 and history.loc[1, "distill_weight"] == cfg.student.distill_weight
+    assert history.loc[0, "distill_weight"] == 0 and history.loc[1, "distill_weight"] == cfg.student.ofd.distill_weight
     assert history.loc[1, "distill"] > 0
     # the reported loss is CE + lambda * distill, epoch by epoch (warm-up: CE alone)
     for _, row in history.iterrows():

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raypipe.evaluate import knn_top1, linear_probe
-from raypipe.teacher import pretrain
+from raypipe.metrics import knn_top1, linear_probe
+from raypipe.phase import pretrain
 
 
 def _queue_probe(config):
@@ -70,7 +70,9 @@ def test_linear_probe_command_writes_linear_and_knn_scores(trained_teacher, tiny
 
 @pytest.mark.parametrize("workers,on_s3", [pytest.param(0, False, id="local_mode"),
                                             pytest.param(0, True, id="local_mode_s3"),
-                                            pytest.param(2, False, id="two_workers", marks=pytest.mark.slow)])
+                                            pytest.param(2, False, id="two_workers")])
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
 def test_run_then_resume_continues_at_next_epoch(ray_cluster, s3_server, tiny_config, tmp_path, workers, on_s3):
     # Train's local mode hands back no checkpoint: the run keeps its own, in its outputs; on S3 the
     # second run starts on an empty local folder (a fresh node) and resumes from the bucket alone
@@ -78,7 +80,7 @@ def test_run_then_resume_continues_at_next_epoch(ray_cluster, s3_server, tiny_co
 
     output_dir = f"{s3_server}/{tmp_path.name}" if on_s3 else str(tmp_path / "runs")
     cfg = tiny_config("name=resume", f"output_dir={output_dir}", f"resources.num_workers={workers}",
-                      "teacher.queue_size=32")
+                      "teacher.moco.queue_size=32")
 
     def history():
         return pd.read_csv(io.StringIO(storage.read_text(storage.join(output_dir, "resume", "metrics.csv"))))
@@ -118,7 +120,7 @@ def test_linear_probe_learns_separable_features_and_not_noise():
 
 
 def test_linear_probe_follows_moco_lincls_and_picks_the_lr_on_val():
-    from raypipe.evaluate import train_linear
+    from raypipe.metrics import train_linear
     g = torch.Generator().manual_seed(1)
     labels = torch.arange(5).repeat_interleave(60)
     centres = torch.randn(5, 32, generator=g)
@@ -139,7 +141,7 @@ def test_linear_probe_follows_moco_lincls_and_picks_the_lr_on_val():
 
 
 def test_probe_lr_grid_extends_past_the_edge_the_best_lr_sits_on():
-    from raypipe.evaluate import extend_lr_grid
+    from raypipe.metrics import extend_lr_grid
     peak = lambda best: (lambda lr: -abs(math.log10(lr) - math.log10(best)))   # val top-1 peaks at `best`
     grid = (0.1, 1.0, 10.0, 30.0)
     assert set(extend_lr_grid(peak(1.0), grid)) == set(grid)                     # interior best: grid as given

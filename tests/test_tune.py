@@ -46,7 +46,8 @@ def cli(*args: str, env: dict, timeout: int = 300) -> subprocess.CompletedProces
                           timeout=timeout)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.timeout(3600)
 def test_smoke_main_job_on_s3_killed_and_resumed_from_empty_disk_then_results(ray_cluster, s3_server, tmp_path):
     script = tmp_path / "elsewhere" / "tune_margin.py"
     script.parent.mkdir()
@@ -124,9 +125,9 @@ def test_smoke_main_job_on_s3_killed_and_resumed_from_empty_disk_then_results(ra
     assert rows == ["supervised from scratch", "phase 1 + linear probe", "phase 1 + fine-tune",
                     "phase 1 + phase 2 (distill)", "+ 10-crop", "+ ensemble of 2 (10-crop)"]
     assert all(0 <= r["test_top1"] <= 100 for r in summary["table"]) and summary["n_test_images"] == 80
-    assert set(summary["stage1_teacher"]["best_params"]) == {"teacher.margin", "teacher.temperature",
-                                                            "teacher.queue_size"}
-    assert summary["stage1_teacher"]["paper_point"]["teacher.margin"] == 0.4
+    assert set(summary["stage1_teacher"]["best_params"]) == {"teacher.moco.margin", "teacher.moco.temperature",
+                                                            "teacher.moco.queue_size"}
+    assert summary["stage1_teacher"]["paper_point"]["teacher.moco.margin"] == 0.4
     # the joint step: stage 1 exports its 2 best teachers, stage 2 gives each a student at the config's
     # values, stage 3 distils from the teacher of the winning student
     s1, s2 = storage.read_json(f"{exp}/stage1_teacher.json"), storage.read_json(f"{exp}/stage2_student.json")
@@ -170,21 +171,21 @@ def test_smoke_main_job_on_s3_killed_and_resumed_from_empty_disk_then_results(ra
 
     res = cli("results", exp, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "stage1_teacher: leaderboard by knn_top1" in res.stdout and "teacher.margin" in res.stdout
+    assert "stage1_teacher: leaderboard by knn_top1" in res.stdout and "teacher.moco.margin" in res.stdout
     assert "TERMINATED" in res.stdout and f"plots: {exp}/plots" in res.stdout
     report = storage.read_text(f"{exp}/report.md")   # summary, leaderboards and plots in one page
     assert "| + 10-crop |" in report and "## stage1_teacher: leaderboard by knn_top1" in report
-    assert "![stage1_teacher_curves](plots/stage1_teacher_curves.png)" in report and "teacher:\n  margin:" in report
+    assert "![stage1_teacher_curves](plots/stage1_teacher_curves.png)" in report and "teacher:\n  moco:\n    margin:" in report
     for name in ("stage1_teacher_params.png", "stage1_teacher_curves.png", "stage1_teacher_importance.png",
                  "stage2_student_curves.png"):
         assert len(storage.read_bytes(f"{exp}/plots/{name}")) > 1000, name
     from raypipe.results import stored_study
     study = stored_study(storage.Outputs(exp), "stage1_teacher")   # the searcher's own study, read from the bucket
-    assert len(study.trials) == 2 and study.trials[0].params["teacher/margin"] == 0.4   # the config's point first
-    assert {"teacher/temperature", "teacher/queue_size"} <= set(study.trials[1].params)
+    assert len(study.trials) == 2 and study.trials[0].params["teacher/moco/margin"] == 0.4   # the config's point first
+    assert {"teacher/moco/temperature", "teacher/moco/queue_size"} <= set(study.trials[1].params)
     students = stored_study(storage.Outputs(exp), "stage2_student")   # one student per teacher, at the config's point
     assert sorted(t.params["teacher_rank"] for t in students.trials) == [1, 2]
-    assert {t.params["student/distill_weight"] for t in students.trials} == {1e-4}
+    assert {t.params["student/ofd/distill_weight"] for t in students.trials} == {1e-4}
     from PIL import Image
     legend = Image.open(io.BytesIO(storage.read_bytes(f"{exp}/plots/stage3_final_curves.png"))).text["Description"]
     assert {"supervised", "finetune", "distill_0", "distill_1"} <= set(legend.removeprefix("legend: ").split(" | "))
@@ -201,7 +202,7 @@ def test_smoke_main_job_on_s3_killed_and_resumed_from_empty_disk_then_results(ra
 def _reporting_trial(config: dict, ctx: dict) -> None:
     from ray import tune
     for epoch in range(2):
-        tune.report({"knn_top1": 10 * config["teacher"]["margin"] + epoch})
+        tune.report({"knn_top1": 10 * config["teacher"]["moco"]["margin"] + epoch})
 
 
 def test_trials_are_tracked_in_mlflow_when_asked(ray_cluster, tmp_path, monkeypatch):
@@ -217,21 +218,22 @@ def test_trials_are_tracked_in_mlflow_when_asked(ray_cluster, tmp_path, monkeypa
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")   # MLflow 3 wants a server or a database otherwise
     cfg = load_config(overrides=["tune.loggers=[mlflow]", "tune.experiment=track", "tune.max_concurrent_trials=1"])
     grid = run_tune_stage("stage1_teacher", _reporting_trial, {"storage": str(tmp_path / "exp")}, cfg,
-                          {"teacher.margin": tune.uniform(0.0, 0.8)}, "knn_top1", 2, [{"teacher.margin": 0.4}], max_t=2)
+                          {"teacher.moco.margin": tune.uniform(0.0, 0.8)}, "knn_top1", 2, [{"teacher.moco.margin": 0.4}],
+                          max_t=2)
     best, value = best_trial(grid, "knn_top1")          # ranked by the best epoch of each trial
-    top = max(r.config["teacher"]["margin"] for r in grid)
-    assert best.config["teacher"]["margin"] == top and value == pytest.approx(10 * top + 1)
+    top = max(r.config["teacher"]["moco"]["margin"] for r in grid)
+    assert best.config["teacher"]["moco"]["margin"] == top and value == pytest.approx(10 * top + 1)
     with pytest.raises(RuntimeError, match="no trial reported 'val_top1'"):
         best_trial(grid, "val_top1")
     client = MlflowClient(f"file://{tmp_path}/mlruns")
     experiment = client.get_experiment_by_name("track-stage1_teacher")
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 2
-    margins = sorted(float(r.data.params["teacher/margin"]) for r in runs)
+    margins = sorted(float(r.data.params["teacher/moco/margin"]) for r in runs)
     assert 0.4 in margins
     for r in runs:
         history = client.get_metric_history(r.info.run_id, "knn_top1")
-        margin = float(r.data.params["teacher/margin"])
+        margin = float(r.data.params["teacher/moco/margin"])
         assert sorted(m.value for m in history) == pytest.approx([10 * margin, 10 * margin + 1])
 
 
@@ -239,7 +241,7 @@ def _teacher_scoring_trial(config: dict, ctx: dict) -> None:
     """Reports a val_top1 that depends only on the teacher the trial resolves (and the epoch)."""
     from ray import tune
 
-    from raypipe.search import trial_teacher
+    from raypipe.phase import trial_teacher
     config, teacher = trial_teacher(config, ctx)
     for epoch in range(2):
         tune.report({"val_top1": ctx["scores"][teacher] + epoch})
@@ -252,9 +254,9 @@ def test_stage2_gives_each_teacher_a_student_and_ranks_them_by_the_student(ray_c
     from raypipe.search import ranked_trials, run_tune_stage, student_space
     from raypipe.tune import chosen_teacher
 
-    cfg = load_config(overrides=["tune.max_concurrent_trials=1", "student.distill_weight=2e-4"])
+    cfg = load_config(overrides=["tune.max_concurrent_trials=1", "student.ofd.distill_weight=2e-4"])
     space, points = student_space(cfg, 3)
-    assert [p["teacher_rank"] for p in points] == [1, 2, 3] and all(p["student.distill_weight"] == 2e-4 for p in points)
+    assert [p["teacher_rank"] for p in points] == [1, 2, 3] and all(p["student.ofd.distill_weight"] == 2e-4 for p in points)
     teachers = ["first.pt", "second.pt", "third.pt"]
     ctx = {"storage": str(tmp_path / "exp"), "teacher": "first.pt", "teachers": teachers,
            "scores": {"first.pt": 10.0, "second.pt": 30.0, "third.pt": 20.0}}
@@ -262,7 +264,7 @@ def test_stage2_gives_each_teacher_a_student_and_ranks_them_by_the_student(ray_c
     ranked = ranked_trials(grid, "val_top1")           # by each trial's best epoch, best first
     assert [value for _, value in ranked] == [31.0, 21.0, 11.0]
     assert [r.config["teacher_rank"] for r, _ in ranked] == [2, 3, 1]
-    assert all(r.config["student"]["distill_weight"] == 2e-4 for r, _ in ranked)
+    assert all(r.config["student"]["ofd"]["distill_weight"] == 2e-4 for r, _ in ranked)
     s1 = {"teachers": [{"rank": i + 1, "teacher": t} for i, t in enumerate(teachers)]}
     assert chosen_teacher(s1, {"teacher_rank": ranked[0][0].config["teacher_rank"]})["teacher"] == "second.pt"
     # a record from before the choice existed: its one teacher

@@ -1,23 +1,28 @@
-"""Phase-2 distillers, selected by ``student.mode``: how the student learns from the frozen
+"""The base of a phase-2 distiller (``student.mode``): how the student learns from the frozen
 phase-1 teacher (or without it, for the baselines).
 
-A distiller is a thin class (mdistiller's shape): it builds the student (``student``: a module
-with the torchvision classifier as ``net``; trained and wrapped in DDP) and, if it needs one, a
-frozen teacher (``teacher``: moved to the device, never into DDP), and does one training step
-returning the loss and its parts. The epoch loop, mixup and label smoothing (the ``ce``
-function a step receives), validation, checkpoints and export are the trainer's
-(``raypipe.student``)."""
+A distiller is one file plus its registration, a thin class (mdistiller's shape) that owns what is
+its own: ``Settings`` (its config section ``student.<section>``, with ``moved`` old keys), the
+``views`` it trains on, ``validate`` and its Tune ``search_space`` (the main job's stage 2). It
+builds the student (``student``: a module with the torchvision classifier as ``net``; trained and
+wrapped in DDP) and, if it needs one, a frozen teacher (``teacher``: moved to the device, never
+into DDP), and does one training step returning the loss and its parts. The epoch loop, mixup and
+label smoothing (the ``ce`` function a step receives), validation, checkpoints and export are the
+trainer's (``raypipe.student``)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, ClassVar, TypeVar
 
 import torch
 import torch.nn as nn
 
-from ..checkpoints import CheckpointError
-from ..config import Config
+from ..errors import CheckpointError
 from ..models import arch_of, build_backbone
-from ..plugins import Registry
+from ..registry import DISTILLERS
+from ..settings import Section
+from ..transforms import CropView
+
+T = TypeVar("T", bound=type)
 
 
 class Classifier(nn.Module):
@@ -38,10 +43,38 @@ class Distiller:
     (their loss), and where they need it ``weight_at`` (the distillation weight at an epoch),
     ``frozen_parameters`` (trainable parameters left untouched at an epoch) and ``predict``."""
 
+    class Settings(Section):
+        """No settings of its own."""
+
+    section: ClassVar[str | None] = None       # its config section (default: the name it is registered under)
+    moved: ClassVar[dict[str, str]] = {}        # old dotted key -> field of Settings
+    label: ClassVar[str] = "phase 1 + fine-tune"  # its row in the main job's test table
     uses_teacher = True                      # starts from (and may distil) a phase-1 teacher file
     metric_names: tuple[str, ...] = ("ce", "distill")
 
-    def __init__(self, cfg: Config, num_classes: int, teacher_state: dict | None):
+    # ---- what the distiller declares (class-level: used before anything is built) --------
+    @classmethod
+    def settings(cls, cfg) -> Any:
+        """This distiller's section of ``cfg``."""
+        return getattr(cfg.student, cls.section)
+
+    @classmethod
+    def views(cls, cfg) -> list:
+        """The random view of every training image (one: ``training_step`` gets that batch): a
+        random-resized crop (+ AutoAugment) by default."""
+        s = cfg.student
+        return [CropView(cfg.data.resolution, s.crop_min_scale, s.autoaugment)]
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        """Cross-field checks of a config that selects this distiller (raise ConfigError)."""
+
+    @classmethod
+    def search_space(cls, cfg) -> tuple[dict, dict]:
+        """(Tune domains at dotted keys, the config's own point to start from); {} = nothing."""
+        return {}, {}
+
+    def __init__(self, cfg, num_classes: int, teacher_state: dict | None):
         self.cfg, self.arch = cfg, arch_of(cfg.student)
         self.teacher: nn.Module | None = None
         net, _ = build_backbone(**self.arch, num_classes=num_classes)
@@ -83,11 +116,13 @@ class Supervised(Distiller):
     """The baseline: the same classifier from random weights, CE only (``student.mode: supervised``)."""
 
     uses_teacher = False
+    label = "supervised from scratch"
 
 
-DISTILLERS = Registry("student.mode", Distiller)
-register_distiller = DISTILLERS.register
-DISTILLERS["finetune"] = Distiller
-DISTILLERS["supervised"] = Supervised
+def register_distiller(name: str) -> Callable[[T], T]:
+    """Class decorator: ``@register_distiller("kd")`` makes ``student.mode: kd`` select it."""
+    return DISTILLERS.register(name, Distiller)
 
-from . import ofd  # noqa: E402,F401  (registers OFD as "distill")
+
+register_distiller("finetune")(Distiller)
+register_distiller("supervised")(Supervised)

@@ -8,7 +8,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from ..losses import ofd_distill_loss, ofd_margins
 from ..models import STAGES, build_backbone
-from . import Classifier, Distiller, register_distiller
+from ..settings import Section, check_range, opt, start_point
+from .base import Classifier, Distiller, register_distiller
 
 
 def _relu_calls(block: nn.Module) -> int:
@@ -109,21 +110,56 @@ class FrozenTeacher(nn.Module):
         return self.taps.pop()
 
 
+class OFDSettings(Section):
+    """``student.ofd``: OFD's loss weight and schedule, its teacher policy and its search space."""
+
+    distill_weight: float = opt(1e-4, "lambda in CE + lambda * distill; OFD sums over feature-map elements, so "
+                                      "divide it by f when the feature-map area grows by f", ge=0.0)
+    ce_only_epochs: int = opt(4, "epochs of CE only before distillation starts", ge=0)
+    teacher_bn_train: bool = opt(True, "frozen teacher's BN in train mode (paper code) or eval")
+    distill_weight_range: list[float] = opt([1e-5, 1e-3], "main job, stage 2: lambda searched log-uniformly")
+    ce_only_range: list[int] = opt([], "main job, stage 2: [lo, hi] to search ce_only_epochs; [] = fixed")
+
+
 @register_distiller("distill")
 class OFD(Distiller):
-    """CE + lambda x OFD's distillation loss; lambda is 0 for the first ``student.ce_only_epochs``
-    (the connectors then stay exactly as built: no gradient, weight decay or momentum)."""
+    """CE + lambda x OFD's distillation loss; lambda is 0 for the first ``ce_only_epochs`` (the
+    connectors then stay exactly as built: no gradient, weight decay or momentum)."""
+
+    Settings = OFDSettings
+    section = "ofd"
+    moved = {**{f"student.{k}": k for k in ("distill_weight", "ce_only_epochs", "teacher_bn_train")},
+             **{f"tune.{k}": k for k in ("distill_weight_range", "ce_only_range")}}
+    label = "phase 1 + phase 2 (distill)"
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        o = cls.settings(cfg)
+        check_range("student.ofd.distill_weight_range", o.distill_weight_range)
+        check_range("student.ofd.ce_only_range", o.ce_only_range)
+
+    @classmethod
+    def search_space(cls, cfg) -> tuple[dict, dict]:
+        """lambda (log-uniform) and, where asked, the CE-only warm-up, from the config's values."""
+        from ray import tune
+
+        o = cls.settings(cfg)
+        space = {"student.ofd.distill_weight": tune.loguniform(*o.distill_weight_range)}
+        point = {"student.ofd.distill_weight": start_point(o.distill_weight, o.distill_weight_range)}
+        if o.ce_only_range:
+            space["student.ofd.ce_only_epochs"] = tune.randint(o.ce_only_range[0], o.ce_only_range[1] + 1)
+            point["student.ofd.ce_only_epochs"] = start_point(o.ce_only_epochs, o.ce_only_range)
+        return space, point
 
     def build(self, net: nn.Module, teacher_state: dict | None) -> nn.Module:
         frozen, _ = build_backbone(**self.arch)
         frozen.load_state_dict(teacher_state)
-        self.teacher = FrozenTeacher(frozen, self.cfg.student.teacher_bn_train)
+        self.teacher = FrozenTeacher(frozen, self.settings(self.cfg).teacher_bn_train)
         return Student(net)
 
     def weight_at(self, epoch: int) -> float:
-        s = self.cfg.student
-        return s.distill_weight if epoch >= s.ce_only_epochs else 0.0
-
+        o = self.settings(self.cfg)
+        return o.distill_weight if epoch >= o.ce_only_epochs else 0.0
     def frozen_parameters(self, epoch: int) -> list:
         return list(self.student.connectors.parameters()) if self.weight_at(epoch) == 0 else []
 

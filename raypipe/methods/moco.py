@@ -1,5 +1,6 @@
-"""MoCo v2 with the paper's margin loss (``teacher.method: moco``, the default): the query/key
-encoders with split BatchNorm and the queue, and the method's training step."""
+"""MoCo v2 with the paper's margin loss (``teacher.method: moco``, the default), in one file: its
+settings (``teacher.moco.*``), views, checks and search space, the query/key encoders with split
+BatchNorm and the queue, and the training step."""
 from __future__ import annotations
 
 import copy
@@ -9,10 +10,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import dist
-from ..config import Config
+from ..errors import ConfigError
 from ..losses import contrastive_logits, margin_nce_loss
 from ..models import arch_of, build_backbone, projection_head
-from . import SSLMethod, register_method
+from ..settings import Section, check_range, opt, start_point
+from ..transforms import MocoView
+from .base import SSLMethod, register_method
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
@@ -124,32 +127,123 @@ class MoCo(nn.Module):
         return q, k
 
 
+class MoCoSettings(Section):
+    """``teacher.moco``: MoCo v2 with the paper's margin loss, its views and its search space."""
+
+    margin: float = opt(0.4, "subtracted from the positive logit", ge=0.0, le=2.0)
+    temperature: float = opt(0.2, gt=0.0, le=10.0)
+    queue_size: int = opt(4096, "K; a multiple of the global batch, <= train images", ge=1)
+    key_momentum: float = opt(0.999, ge=0.0, le=1.0)
+    proj_hidden: int = opt(2048, ge=1)
+    proj_dim: int = opt(128, ge=1)
+    bn_splits: int = opt(2, "one worker: BN of both encoders over this many groups of the batch, keys shuffled "
+                            "(MoCo's split BN; its CIFAR demo: 8 groups of 64)", ge=1)
+    crop_min_scale: float = opt(0.2, "views' random-resized-crop scale (x, 1)", gt=0.0, le=1.0)
+    blur_prob: float = opt(0.5, "views' Gaussian blur probability", ge=0.0, le=1.0)
+    margin_range: list[float] = opt([0.0, 0.8], "main job, stage 1: margin searched uniformly in [lo, hi]")
+    temperature_range: list[float] = opt([0.07, 0.5], "main job, stage 1: temperature searched log-uniformly")
+    queue_sizes: list[int] = opt([], "main job, stage 1: candidates for K; [] = multiples of the global batch "
+                                     "the data can fill")
+
+
 @register_method("moco")
 class MoCoMargin(SSLMethod):
-    """MoCo v2 trained with the margin loss; ``teacher.margin: 0`` is plain MoCo v2 (InfoNCE).
+    """MoCo v2 trained with the margin loss; ``teacher.moco.margin: 0`` is plain MoCo v2 (InfoNCE).
 
-    Split BN (``teacher.bn_splits``) on one worker; per-worker BN + cross-worker key shuffle on several."""
+    Split BN (``bn_splits``) on one worker; per-worker BN + cross-worker key shuffle on several."""
 
+    Settings = MoCoSettings
+    section = "moco"
+    moved = {**{f"teacher.{k}": k for k in ("margin", "temperature", "queue_size", "key_momentum", "proj_hidden",
+                                            "proj_dim", "bn_splits", "crop_min_scale", "blur_prob")},
+             **{f"tune.{k}": k for k in ("margin_range", "temperature_range", "queue_sizes")}}
     metric_names = ("pos_sim", "neg_sim")
 
-    def __init__(self, cfg: Config, world_size: int = 1):
+    @classmethod
+    def views(cls, cfg) -> list:
+        m = cls.settings(cfg)
+        return [MocoView(cfg.data.resolution, m.crop_min_scale, m.blur_prob)] * 2
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        m, t = cls.settings(cfg), cfg.teacher
+        global_batch = cfg.global_batch("teacher")
+        if m.queue_size % global_batch:
+            raise ConfigError(
+                f"teacher.moco.queue_size={m.queue_size} must be a multiple of the global batch "
+                f"(teacher.batch_size {t.batch_size} x resources.num_workers {max(1, cfg.resources.num_workers)} "
+                f"= {global_batch}); e.g. {max(1, m.queue_size // global_batch) * global_batch}")
+        if cfg.resources.num_workers <= 1 and t.batch_size % m.bn_splits:
+            raise ConfigError(f"teacher.batch_size={t.batch_size} must be a multiple of teacher.moco.bn_splits="
+                              f"{m.bn_splits} (split BatchNorm groups on one worker)")
+        check_range("teacher.moco.margin_range", m.margin_range)
+        check_range("teacher.moco.temperature_range", m.temperature_range)
+
+    @staticmethod
+    def max_queue_size(cfg, n_train: int) -> int:
+        """The longest queue (K) ``n_train`` images fill without duplicates: whole global batches."""
+        return n_train // cfg.global_batch("teacher") * cfg.global_batch("teacher")
+
+    @classmethod
+    def check_data(cls, cfg, n_train: int) -> None:
+        queue, fit, gb = cls.settings(cfg).queue_size, cls.max_queue_size(cfg, n_train), cfg.global_batch("teacher")
+        if queue > fit:
+            hint = f"use at most {fit}" if fit else f"the global batch {gb} alone exceeds the data"
+            raise ConfigError(f"teacher.moco.queue_size={queue} exceeds the {n_train} training images "
+                              f"(the queue would hold stale duplicate keys); {hint}")
+
+    @classmethod
+    def queue_candidates(cls, cfg, n_train: int) -> list[int]:
+        """K values Tune may pick: multiples of the global batch the training set can fill."""
+        m, gb, cap = cls.settings(cfg), cfg.global_batch("teacher"), cls.max_queue_size(cfg, n_train)
+        if cap < gb:
+            raise ConfigError(f"{n_train} training images cannot fill one global batch of {gb}")
+        if m.queue_sizes:
+            bad = [k for k in m.queue_sizes if k % gb or k > cap]
+            if bad:
+                raise ConfigError(f"teacher.moco.queue_sizes {bad} must be multiples of the global batch {gb} and "
+                                  f"<= {cap} (the training images rounded down to whole batches)")
+            return sorted(set(m.queue_sizes))
+        sizes, k = [], gb
+        while k <= cap:
+            sizes.append(k)
+            k *= 2
+        return sorted(set(sizes + [min(cap, m.queue_size)]))
+
+    @classmethod
+    def search_space(cls, cfg, n_train: int) -> tuple[dict, dict]:
+        """Margin (uniform), temperature (log-uniform) and K (a choice), from the config's values."""
+        from ray import tune
+
+        m = cls.settings(cfg)
+        queues = cls.queue_candidates(cfg, n_train)
+        space = {"teacher.moco.margin": tune.uniform(*m.margin_range),
+                 "teacher.moco.temperature": tune.loguniform(*m.temperature_range),
+                 "teacher.moco.queue_size": tune.choice(queues)}
+        point = {"teacher.moco.margin": start_point(m.margin, m.margin_range),
+                 "teacher.moco.temperature": start_point(m.temperature, m.temperature_range),
+                 "teacher.moco.queue_size": min(queues, key=lambda k: (abs(k - m.queue_size), -k))}
+        return space, point
+
+    def __init__(self, cfg, world_size: int = 1):
         super().__init__(cfg, world_size)
-        t = cfg.teacher
-        self.model = MoCo(arch_of(t), t.proj_hidden, t.proj_dim, t.queue_size, t.key_momentum,
-                          bn_splits=t.bn_splits if world_size == 1 else 1)
+        m = self.settings(cfg)
+        self.model = MoCo(arch_of(cfg.teacher), m.proj_hidden, m.proj_dim, m.queue_size, m.key_momentum,
+                          bn_splits=m.bn_splits if world_size == 1 else 1)
 
     @property
     def backbone(self) -> nn.Module:
         return self.model.backbone
 
-    def training_step(self, net, view1, view2, rt):
+    def training_step(self, net, views, rt):
         """The margin loss against the queue as it was BEFORE this batch; then the batch's keys
         (gathered from all workers) are enqueued."""
-        t = self.cfg.teacher
+        m = self.settings(self.cfg)
+        view1, view2 = views
         with rt.autocast():
             q, k = net(view1, view2)
         l_pos, l_neg = contrastive_logits(q.float(), k.float(), self.model.queue.clone().detach())
-        loss = margin_nce_loss(l_pos, l_neg, t.margin, t.temperature)
+        loss = margin_nce_loss(l_pos, l_neg, m.margin, m.temperature)
         self.model.enqueue(dist.all_gather_cat(k.float()))
         return loss, {"pos_sim": l_pos.detach().mean(), "neg_sim": l_neg.detach().mean()}
 

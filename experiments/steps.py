@@ -1,0 +1,345 @@
+"""The step engine the experiment runners share (cifar10_50.py, tinyimagenet_50.py, teacher_study.py).
+
+A runner is a list of Steps, each one `raypipe` command. A `Runner` holds the runner's places
+(``runs``: its run folders, not committed; ``records``: the committed copies of their small files;
+``configs``; ``results``: the doc its table goes to) and runs, skips and records the steps there:
+- Its log goes to runs/logs/STEP.log and a record (command, exit code, wall time, machine) to
+  runs/steps/STEP.json; a step with a successful record (kept in records) is not run again, so an
+  interrupted reproduction resumes; an interrupted step resumes from its last checkpoint, its wall time
+  and log spanning all its attempts.
+- After every step the record and the small files the tables read (KEPT) are copied to records,
+  which is committed: the tables and the resume outlive the machine. An eval report keeps only
+  REPORT_FIELDS there (its per-class and confusion data stay in runs).
+- Models are never kept (.gitignore keeps model files out of experiments/records): a finished step
+  whose model is gone from runs (a new machine) runs again, re-making it, before a step still to run
+  that reads it; with ``--only``, unless it is among the steps asked for, the run stops and names it.
+  Its record is then the re-made run's.
+The table helpers (cells, rows read from the records, the generated block of a doc) are here too.
+Places are relative to the repository (``runner_args`` moves there).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+REPO = Path(__file__).resolve().parents[1]
+# the small files of runs that records keeps (globs, relative to runs)
+KEPT = ("steps/*.json", "*/metrics.json", "*/metrics.csv", "*/probe.json", "*/config.yaml", "eval/*/report.json")
+# what a kept eval report holds: what the tables read (top1, views, n_images) and its summary, not the
+# per-class accuracies and confusion matrix (~360 KB at 200 classes), which stay in runs
+REPORT_FIELDS = ("split", "models", "weights", "views", "average", "skipped_images", "n_images", "top1", "top5",
+                 "submission")
+# which epoch a student row reports, as its two halves for a table's caption (test; val)
+EPOCHS_NOTE = ("; a student is tested as exported: its epoch with the best val.",
+               "; a student's val cell (and the runner's choices) is its final epoch's.")
+
+
+@dataclass
+class Step:
+    name: str
+    argv: list[str]  # after `raypipe`
+    output: Path     # exists once the step has succeeded
+
+
+class NotDecided(Exception):
+    """A val decision needs runs that have not finished yet."""
+
+
+def machine() -> str:
+    import torch
+    accel = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {accel}, torch {torch.__version__}"
+
+
+def trimmed_report(path: Path) -> str:
+    """An eval report as records keeps it (REPORT_FIELDS; numbers unchanged)."""
+    report = json.loads(Path(path).read_text())
+    return json.dumps({k: v for k, v in report.items() if k in REPORT_FIELDS}, indent=2)
+
+
+# ---- table cells ------------------------------------------------------------------------------------
+def fmt(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def seeds_cell(values: list[float | None]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.2f}"
+    return (f"**{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f}** "
+            f"({', '.join(f'{v:.2f}' for v in vals)})")
+
+
+def mean_or_none(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.mean(vals) if vals else None
+
+
+def decided(fn) -> str | None:
+    try:
+        return fn()
+    except NotDecided:
+        return None
+
+
+def kept_cell(better: bool | None) -> str:
+    return "-" if better is None else ("kept" if better else "dropped")
+
+
+def gain(probe: dict, random: dict, key: str) -> float | None:
+    """A probe's score minus random weights' (None while either is missing)."""
+    return probe[key] - random[key] if key in probe and key in random else None
+
+
+def commands(block: str) -> set[str]:
+    """The `raypipe ...` command lines of a generated block (without their ``   # ...`` notes)."""
+    return {line.split("   #")[0].strip() for line in block.splitlines() if line.startswith("raypipe ")}
+
+
+def runner_args(argv: list[str] | None, description: str, doc: Path, only_help: str,
+                data_default: str = "../shared/data/cifar10-50") -> argparse.Namespace:
+    """The command line every runner shares; checks the data, moves to the repository."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=data_default, help=f"the {Path(data_default).name} folder")
+    p.add_argument("--table-only", action="store_true", help=f"only rewrite {doc} from the kept records")
+    p.add_argument("--only", nargs="+", help=only_help)
+    args = p.parse_args(argv)
+    os.chdir(REPO)
+    if not args.table_only and not Path(args.data, "train").is_dir():
+        raise SystemExit(f"{args.data}/train not found: pass --data PATH/TO/{Path(data_default).name}")
+    return args
+
+
+class Runner:
+    """One runner's places and the machinery of its steps; subclasses add the steps and the table."""
+    NAME: ClassVar[str] = ""           # its folders: runs/NAME, experiments/records/NAME, experiments/configs/NAME
+    RESULTS: ClassVar[Path] = Path("docs/results.md")   # the doc its table goes to, between BEGIN and END
+    BEGIN: ClassVar[str] = "<!-- results:begin (written by experiments/cifar10_50.py) -->"
+    END: ClassVar[str] = "<!-- results:end -->"
+    TITLE: ClassVar[str] = "Results"   # of a new results doc
+    RECIPES: ClassVar[dict[str, str]] = {}               # student recipe -> its config file (in configs)
+    DISTILL_CANDIDATES: ClassVar[tuple[str, ...]] = ()  # recipes whose lambda is chosen on val (seed 0)
+
+    def __init__(self, runs: Path | None = None, records: Path | None = None, results: Path | None = None):
+        """Places relative to the repository; by default the runner's own (tests point them elsewhere)."""
+        self.runs = Path(runs or Path("runs") / self.NAME)  # run folders (models, logs, checkpoints): not committed
+        self.records = Path(records or Path("experiments/records") / self.NAME)  # committed copies of its small files
+        self.results = Path(results or self.RESULTS)
+        self.configs = f"experiments/configs/{self.NAME}"
+
+    # ---- where a step's files go --------------------------------------------------------------
+    def teacher_file(self, name: str) -> Path:
+        return self.runs / f"teacher_{name}" / "teacher.pt"
+
+    def student_file(self, run: str) -> Path:
+        return self.runs / run / "student.pt"
+
+    def probe_file(self, teacher: str) -> Path:
+        return self.runs / f"teacher_{teacher}" / "probe.json"
+
+    def record_path(self, step: Step) -> Path:
+        return self.runs / "steps" / f"{step.name}.json"
+
+    def attempt_path(self, step: Step) -> Path:
+        """The step's unfinished attempt (not kept: its checkpoints, which a resume needs, are not either)."""
+        return self.runs / "steps" / f"{step.name}.attempt"
+
+    def kept(self, path: Path) -> Path:
+        """The committed copy of a file of runs."""
+        return self.records / Path(path).relative_to(self.runs)
+
+    def load(self, path: Path) -> dict | None:
+        """A JSON file of runs, read from its kept copy."""
+        path = self.kept(path)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def evaluate(self, data: str, name: str, runs: list[str], split: str, ten_crop: bool = False) -> Step:
+        out = self.runs / "eval" / name
+        argv = ["evaluate", data, "--split", split, "--out", str(out), "--config", f"{self.configs}/base.yaml"]
+        for run in runs:
+            argv += ["--model", str(self.student_file(run))]
+        return Step(f"eval_{name}", argv + (["--ten-crop"] if ten_crop else []), out / "report.json")
+
+    # ---- running ------------------------------------------------------------------------------
+    def succeeded(self, step: Step) -> bool:
+        """Succeeded with this very command (a changed command, e.g. after a new val decision, reruns)."""
+        rec = self.load(self.record_path(step))
+        return bool(rec) and rec["rc"] == 0 and rec["argv"] == ["raypipe", *step.argv]
+
+    def is_done(self, step: Step, later: list[Step] = ()) -> bool:
+        """Succeeded, and its output is here (kept, or a model in runs) or no step still to run needs it."""
+        if not self.succeeded(step):
+            return False
+        if self.present(step):
+            return True
+        return not any(str(step.output) in s.argv and not self.succeeded(s) for s in later)
+
+    def present(self, step: Step) -> bool:
+        """Its output is in runs, or kept in records (a model never is)."""
+        return step.output.exists() or self.kept(step.output).exists()
+
+    def keep_records(self) -> None:
+        """Copy the small files of runs (KEPT) to records, eval reports trimmed to REPORT_FIELDS."""
+        for pattern in KEPT:
+            for path in self.runs.glob(pattern):
+                target = self.kept(path)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if path.name == "report.json":
+                    target.write_text(trimmed_report(path))
+                else:
+                    shutil.copy2(path, target)
+
+    def remake_inputs(self, step: Step, earlier: list[Step], only: set[str] | None = None) -> None:
+        """Run again the earlier steps whose output (a model: models are not kept) ``step`` reads and runs
+        lacks, theirs first; with ``only``, one not among them stops the run, named."""
+        for i, source in enumerate(earlier):
+            if str(source.output) in step.argv and not self.present(source):
+                if only is not None and source.name not in only:
+                    raise SystemExit(f"[{step.name}] needs {source.output}, which is not in {self.runs} (models are "
+                                     f"not kept in {self.records}): add step {source.name} to --only to make it "
+                                     "again, or run without --only")
+                self.remake_inputs(source, earlier[:i], only)
+                print(f"[{source.name}] runs again: {step.name} reads {source.output}, which is gone", flush=True)
+                self.run_step(source)
+
+    def earlier_attempts(self, step: Step, log: Path) -> tuple[int, float]:
+        """(count, wall seconds) of this very command's unfinished attempts (interrupted or failed; a rerun
+        resumes from their checkpoints), each timed from its start to its log's last line."""
+        path = self.attempt_path(step)
+        attempt = json.loads(path.read_text()) if path.is_file() else None
+        if not attempt or attempt["argv"] != step.argv or not log.is_file():
+            return 0, 0.0
+        return attempt["count"], attempt["earlier_wall_s"] + max(0.0, log.stat().st_mtime - attempt["started_unix"])
+
+    def run_step(self, step: Step) -> None:
+        log = self.runs / "logs" / f"{step.name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.record_path(step).parent.mkdir(parents=True, exist_ok=True)
+        earlier, earlier_s = self.earlier_attempts(step, log)
+        resumed = f", resuming after {earlier} unfinished attempt(s), {earlier_s / 60:.1f} min" if earlier else ""
+        print(f"[{step.name}] raypipe {' '.join(step.argv)}  (log: {log}{resumed})", flush=True)
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        t0 = time.time()
+        self.attempt_path(step).write_text(json.dumps({"argv": step.argv, "count": earlier + 1, "started_unix": t0,
+                                                       "earlier_wall_s": earlier_s}))
+        with log.open("a" if earlier else "w") as out:  # a resumed step's log keeps the earlier attempts
+            out.write(f"==== {started}: attempt {earlier + 1}\n")
+            out.flush()
+            rc = subprocess.run([sys.executable, "-m", "raypipe", *step.argv], stdout=out,
+                                stderr=subprocess.STDOUT).returncode
+        rec = {"name": step.name, "argv": ["raypipe", *step.argv], "rc": rc,
+               "wall_s": round(earlier_s + time.time() - t0, 1), "attempts": earlier + 1, "started": started,
+               "machine": machine()}
+        self.record_path(step).write_text(json.dumps(rec, indent=2))
+        self.keep_records()
+        if rc != 0:
+            raise SystemExit(f"[{step.name}] failed with exit code {rc}; see {log}")
+        self.attempt_path(step).unlink()
+        print(f"[{step.name}] done in {rec['wall_s'] / 60:.1f} min", flush=True)
+
+    def run_all(self, steps: list[Step], only: set[str] | None, earlier: list[Step] = ()) -> None:
+        """Run the steps not done yet (of ``only``, if given); ``earlier``: steps before these (earlier
+        stages), whose models they may read."""
+        for i, step in enumerate(steps):
+            if (only is None or step.name in only) and not self.is_done(step, steps[i + 1:]):
+                self.remake_inputs(step, [*earlier, *steps[:i]], only)
+                self.run_step(step)
+
+    # ---- reading the records ------------------------------------------------------------------
+    def student_val(self, run: str) -> float | None:
+        m = self.load(self.runs / run / "metrics.json")
+        return m["val_top1"] if m else None
+
+    def knn_curve(self, teacher: str) -> str:
+        """The k-NN monitor of ``teacher_<teacher>`` by epoch: ``10:25.2 20:25.0 ...`` (or -)."""
+        import pandas as pd
+
+        path = self.kept(self.runs / f"teacher_{teacher}" / "metrics.csv")
+        if not path.is_file():
+            return "-"
+        df = pd.read_csv(path).dropna(subset=["knn_top1"])
+        return " ".join(f"{int(e) + 1}:{v:.1f}" for e, v in zip(df["epoch"], df["knn_top1"]))
+
+    def eval_top1(self, name: str) -> float | None:
+        r = self.load(self.runs / "eval" / name / "report.json")
+        return r["top1"] if r else None
+
+    def test_sizes(self) -> str:
+        sizes = sorted({json.loads(r.read_text())["n_images"]
+                        for r in (self.records / "eval").glob("*_test/report.json")})
+        return ", ".join(f"{n:,}" for n in sizes)
+
+    def wall_min(self, *steps: str) -> float | None:
+        recs = [self.load(self.runs / "steps" / f"{s}.json") for s in steps]
+        return sum(r["wall_s"] for r in recs) / 60 if all(recs) else None
+
+    def recorded(self, steps: list[Step]) -> list[dict]:
+        """The records of the steps that have one."""
+        return [r for r in (self.load(self.record_path(s)) for s in steps) if r]
+
+    def chosen_distill(self, candidates: tuple[str, ...] | None = None) -> str:
+        """The distillation recipe (lambda) with the best val top-1 on seed 0."""
+        candidates = candidates or self.DISTILL_CANDIDATES
+        vals = {r: self.student_val(f"{r}_s0") for r in candidates}
+        if None in vals.values():
+            raise NotDecided("the lambda decision needs " + ", ".join(f"{r}_s0" for r in candidates))
+        return max(candidates, key=lambda r: vals[r])
+
+    # ---- table parts --------------------------------------------------------------------------
+    def config_cell(self, recipe: str) -> str:
+        return f"`{self.RECIPES[recipe]}`"
+
+    def seeds_row(self, label: str, recipe: str, seeds: tuple[int, ...], means: dict) -> str:
+        """`| label | config | seeds done | val | test | min per seed |` of a student row; its test mean
+        goes to means[recipe]."""
+        runs = [f"{recipe}_s{s}" for s in seeds]
+        test = [self.eval_top1(f"{r}_test") for r in runs]
+        done = [s for s, t in zip(seeds, test) if t is not None]
+        means[recipe] = mean_or_none(test)
+        walls = [self.wall_min(f"{recipe}_s{s}", f"eval_{recipe}_s{s}_test") for s in done]
+        return (f"| {label} | {self.config_cell(recipe)} | {','.join(map(str, done)) or '-'} | "
+                f"{seeds_cell([self.student_val(r) for r in runs])} | {seeds_cell(test)} | "
+                f"{fmt(mean_or_none(walls), '.1f')} |")
+
+    def probe_rows(self, random_name: str, name: str, label: str) -> list[str]:
+        """k-NN and linear probe of ``teacher_<name>`` against random weights, and the gain."""
+        keys = ("val_knn_top1", "test_knn_top1", "val_top1", "test_top1")
+        probe, random = self.load(self.probe_file(name)) or {}, self.load(self.probe_file(random_name)) or {}
+        return ["| teacher | k-NN val | k-NN test | linear val | linear test |", "|---|---|---|---|---|",
+                f"| random weights | {' | '.join(fmt(random.get(k)) for k in keys)} |",
+                f"| {label} | {' | '.join(fmt(probe.get(k)) for k in keys)} |",
+                f"| gain over random weights | {' | '.join(fmt(gain(probe, random, k), '+.2f') for k in keys)} |"]
+
+    def commands_block(self, steps: list[Step]) -> list[str]:
+        return [f"{' '.join(rec['argv'])}   # {rec['name']}: {rec['wall_s'] / 60:.1f} min, exit {rec['rc']}"
+                for rec in self.recorded(steps)]
+
+    def write_block(self, block: str) -> None:
+        """Replace the generated block (BEGIN ... END, markers included in ``block``) of ``results``;
+        the hand-written text around it stays."""
+        path, begin, end = self.results, self.BEGIN, self.END
+        doc = path.read_text() if path.is_file() else f"# {self.TITLE}\n\n{begin}\n{end}\n"
+        if begin not in doc or end not in doc:
+            raise SystemExit(f"{path} lost its {begin!r} / {end!r} markers; restore them to regenerate")
+        head, rest = doc.split(begin, 1)
+        old, tail = rest.split(end, 1)
+        dropped = commands(old) - commands(block)
+        if dropped:
+            raise SystemExit(f"not rewriting {path}: the new block would drop {len(dropped)} recorded command(s), "
+                             f"e.g. {sorted(dropped)[0]!r}, whose records are missing from {self.records}; restore "
+                             "them (git) or move the old block out of the markers by hand")
+        path.write_text(head + block + tail)
+        print(f"wrote {path}", flush=True)
