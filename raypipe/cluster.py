@@ -32,31 +32,83 @@ def cluster_resources() -> dict:
 
 
 CLUSTER_CONFIG_ENV = "RAYPIPE_CLUSTER_CONFIG"
+DRIVER_RESOURCE = "raypipe_driver"   # the custom resource of the node type that hosts trial drivers (the head)
 
 
-def autoscaler_capacity(path: str | None = None) -> dict | None:
-    """The resources an autoscaling cluster can grow to, read from the cluster launcher's config
-    that ``ray up`` leaves on the head (``~/ray_bootstrap_config.yaml``; or $RAYPIPE_CLUSTER_CONFIG):
-    the head plus each worker type at its ``max_workers``, at most the global ``max_workers``
-    nodes in all, GPU types first. None when there is no such file."""
+def launcher_config(path: str | None = None) -> tuple[dict, str] | None:
+    """The cluster launcher's config that ``ray up`` leaves on the head (``~/ray_bootstrap_config.yaml``;
+    or $RAYPIPE_CLUSTER_CONFIG) and its path; None when there is no such file."""
     import yaml
 
     path = Path(path or os.environ.get(CLUSTER_CONFIG_ENV) or Path.home() / "ray_bootstrap_config.yaml")
-    if not path.is_file():
-        return None
-    cluster = yaml.safe_load(path.read_text())
+    return (yaml.safe_load(path.read_text()), str(path)) if path.is_file() else None
+
+
+def worker_types(cluster: dict) -> list[tuple[str, dict]]:
+    """The worker node types (name, type) of a launcher config, GPU types first."""
     types = cluster.get("available_node_types") or {}
-    head = types.get(cluster.get("head_node_type"), {})
+    return sorted(((name, t) for name, t in types.items() if name != cluster.get("head_node_type")),
+                  key=lambda item: -item[1].get("resources", {}).get("GPU", 0))
+
+
+def autoscaler_capacity(path: str | None = None) -> dict | None:
+    """The resources an autoscaling cluster can grow to, from the launcher's config: the head plus
+    each worker type at its ``max_workers``, at most the global ``max_workers`` nodes in all, GPU
+    types first. None when there is no such file."""
+    found = launcher_config(path)
+    if found is None:
+        return None
+    cluster = found[0]
+    head = (cluster.get("available_node_types") or {}).get(cluster.get("head_node_type"), {})
     total = {k: float(v) for k, v in head.get("resources", {}).items()}
     nodes_left = cluster.get("max_workers", 0)
-    workers = sorted((t for name, t in types.items() if name != cluster.get("head_node_type")),
-                     key=lambda t: -t.get("resources", {}).get("GPU", 0))
-    for t in workers:
+    for _, t in worker_types(cluster):
         n = min(t.get("max_workers", 0), nodes_left)
         nodes_left -= n
         for k, v in t.get("resources", {}).items():
             total[k] = total.get(k, 0.0) + n * v
     return total
+
+
+def _fits(bundle: dict, resources: dict) -> int:
+    """How many ``bundle``s one node with ``resources`` holds."""
+    return int(min((resources.get(k, 0) + 1e-9) // v for k, v in bundle.items() if v > 0))
+
+
+def check_node_types(cfg, concurrency: int, cluster: dict, source: str) -> None:
+    """Before any resource is asked for: every bundle the main job will ask for (a trial's driver,
+    its Train workers, a Ray Data task) fits some node type the autoscaler can launch, and
+    ``concurrency`` trials' workers fit in the nodes ``max_workers`` allows. Otherwise the job would
+    wait forever; this says which key to change instead."""
+    types = cluster.get("available_node_types") or {}
+    res = cfg.resources
+    use_gpu = res.use_gpu if res.use_gpu != "auto" else any(t.get("resources", {}).get("GPU", 0) for t in types.values())
+    driver = {"CPU": cfg.tune.driver_cpus}
+    if any(t.get("resources", {}).get(DRIVER_RESOURCE, 0) for t in types.values()):
+        driver[DRIVER_RESOURCE] = 0.001
+    worker = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
+    bundles = [("a trial's driver", driver, "tune.driver_cpus"), ("a Ray Data task", {"CPU": cfg.data.cpus_per_task},
+                                                                  "data.cpus_per_task")]
+    if res.num_workers:
+        bundles.append(("a Train worker", worker, "resources.cpus_per_worker / resources.gpus_per_worker"))
+    have = "; ".join(f"{name}: {t.get('resources', {})}" for name, t in types.items())
+    for what, bundle, key in bundles:
+        if not any(_fits(bundle, t.get("resources", {})) for t in types.values()):
+            raise ConfigError(f"{what} asks for {bundle}, which no node type of {source} can hold ({have}): "
+                              f"lower {key}, or add a node type that holds it")
+    if res.num_workers:
+        nodes_left, room = cluster.get("max_workers", 0), 0
+        for _, t in worker_types(cluster):
+            n = min(t.get("max_workers", 0), nodes_left)
+            nodes_left -= n
+            room += n * _fits(worker, t.get("resources", {}))
+        head = types.get(cluster.get("head_node_type"), {})
+        room += _fits(worker, head.get("resources", {}))
+        if concurrency * res.num_workers > room:
+            raise ConfigError(f"{concurrency} trials at a time x resources.num_workers={res.num_workers} Train workers "
+                              f"need {concurrency * res.num_workers} places of {worker}; the node types of {source} "
+                              f"hold at most {room} within max_workers={cluster.get('max_workers', 0)}: lower "
+                              f"tune.max_concurrent_trials (--max-concurrent-trials) or raise max_workers")
 
 
 def check_cluster_can_fit(res: ResourcesConfig, use_gpu: bool) -> None:

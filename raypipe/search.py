@@ -70,7 +70,7 @@ def trial_concurrency(cfg: Config, total: dict | None = None) -> int:
 
 
 # ---- trial drivers (one per Tune trial; each builds a TorchTrainer) ------------------
-DRIVER_RESOURCE = "raypipe_driver"
+DRIVER_RESOURCE = cluster.DRIVER_RESOURCE
 
 
 def driver_resources(cfg: Config) -> dict:

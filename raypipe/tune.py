@@ -16,6 +16,7 @@ What each plug-in searches is its own (``SSLMethod.search_space``, ``Distiller.s
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -28,7 +29,8 @@ from .errors import USER_ERRORS, ConfigError
 from .evaluate import evaluate_rows, probe_teacher, write_eval_outputs
 from .phase import final_trial, pretrain, student_trial, teacher_trial, trial_teacher
 from .registry import DISTILLERS
-from .search import best_state, best_trial, ranked_trials, run_tune_stage, student_space, teacher_space, trial_summary
+from .search import (best_state, best_trial, ranked_trials, run_tune_stage, student_space, teacher_space,
+                     trial_concurrency, trial_summary)
 from .settings import TEACHER_CHOICE
 from .storage import Outputs, join
 from .student import export_student
@@ -259,6 +261,9 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = cfg.with_overrides({"data.root": demo_data(out, args.smoke)})
     index = scan_dataset(cfg.data, ("train", "val", "test"))  # layout errors before Ray starts
     teacher_space(cfg, len(index["train"]))   # e.g. queue sizes the data cannot fill: before Ray starts
+    launcher = cluster.launcher_config() if os.environ.get("RAYPIPE_AUTOSCALING") == "1" else None
+    if launcher:   # an autoscaling cluster: every bundle fits a node type it can launch, before anything is asked
+        cluster.check_node_types(cfg, trial_concurrency(cfg, cluster.autoscaler_capacity()), *launcher)
     cfg.dump(out.local("config.yaml"))
     out.publish("config.yaml")
     started = time.time()
