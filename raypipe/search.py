@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from . import cluster, progress
+from . import cluster, progress, registry
 from .checkpoints import best_weights
 from .config import Config, flat_key, set_dotted
 from .console import verbose
@@ -121,6 +121,7 @@ def run_tune_stage(stage: str, trainable, ctx: dict, cfg: Config, space: dict | 
     # Tune's new output engine prints its experiment header even at verbose=0; the legacy one does not
     os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if verbose() else "0"
     path = join(ctx["storage"], stage)
+    ctx = {**ctx, "plugins": registry.snapshot()}   # every registered plug-in travels to the trials (user ones too)
     fn = tune.with_resources(tune.with_parameters(trainable, ctx=ctx), driver_resources(cfg))
     params = list(space or {})
     print(f"\n[{stage}] {'grid of ' + str(len(grid)) if grid is not None else num_samples} trials"

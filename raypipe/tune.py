@@ -21,7 +21,7 @@ import shlex
 import sys
 import time
 
-from . import cluster, progress, registry, storage
+from . import cluster, progress, storage
 from .config import Config, get_dotted, load_config, parse_args_with_overrides, parse_overrides, preset
 from .console import set_verbose
 from .data import scan_dataset
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.publish("config.yaml")
     started = time.time()
     cluster.ensure_ray()
-    ctx = {"storage": out.location, "plugins": registry.snapshot()}  # user-registered classes travel along
+    ctx = {"storage": out.location}
     classes = index["train"].classes
     s1 = stage1(cfg, ctx, out, len(index["train"]), classes)
     s2 = stage2(cfg, ctx, out, s1)
