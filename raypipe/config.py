@@ -90,11 +90,6 @@ def selected_plugins(cfg: Config) -> list[type]:
     return [REGISTRIES["teacher"][cfg.teacher.method], REGISTRIES["student"][cfg.student.mode]]
 
 
-def plugin_settings(cfg: Config, section: str, plugin: type):
-    """A plug-in's own settings in ``cfg`` (``cfg.teacher.moco`` for MoCo)."""
-    return getattr(getattr(cfg, section), plugin.section)
-
-
 # ---- validation errors as one line naming the key ---------------------------------
 WANTS = {"int": "int", "float": "float", "bool": "bool", "list": "list", "string": "str", "dict": "a mapping",
          "model": "a mapping"}
