@@ -31,6 +31,12 @@ def cluster_resources() -> dict:
     return capacity or ray.cluster_resources()
 
 
+# Ray Data settings for the job's processes (a user's own environment wins). Ray 2.60's read_parquet
+# starts 32 footer-reading actors per read, each holding a whole CPU while it is scheduled: on an
+# autoscaling cluster every trial's decode asked for 32 CPUs and launched (GPU) nodes to read the
+# footers of a few files (tests/test_autoscaler.py). raypipe's data sets are a few Parquet files a split.
+DATA_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2"}
+
 CLUSTER_CONFIG_ENV = "RAYPIPE_CLUSTER_CONFIG"
 DRIVER_RESOURCE = "raypipe_driver"   # the custom resource of the node type that hosts trial drivers (the head)
 
@@ -147,11 +153,11 @@ def ensure_ray(**init_kwargs) -> None:
 
     import ray
 
-    for k, v in QUIET_ENV.items():
+    for k, v in {**QUIET_ENV, **DATA_ENV}.items():
         os.environ.setdefault(k, v)
     if not ray.is_initialized():
         runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
-        job_env = {**{k: os.environ[k] for k in QUIET_ENV}, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        job_env = {**{k: os.environ[k] for k in (*QUIET_ENV, *DATA_ENV)}, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
                    VERBOSE_ENV: "1" if verbose() else "0", **{k: os.environ[k] for k in STORAGE_ENV if k in os.environ}}
         if not verbose():
             job_env.setdefault("RAY_DATA_LOG_LEVEL", os.environ.get("RAY_DATA_LOG_LEVEL", "ERROR"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 VERBOSE_ENV = "RAYPIPE_VERBOSE"
 
@@ -125,13 +126,58 @@ class WorkerAbortDumps:
         return out
 
 
+class OnceNotes:
+    """Shows each ``note: ...`` line once per driver: a note a worker makes about its node (e.g. a
+    logical GPU torch cannot see, noted by every Train run) is said once for the whole job."""
+
+    def __init__(self):
+        self.seen: set = set()
+
+    def __call__(self, pid, lines: list[str]) -> list[str]:
+        out = []
+        for line in lines:
+            if line.startswith("note: "):
+                if line in self.seen:
+                    continue
+                self.seen.add(line)
+            out.append(line)
+        return out
+
+
+class AutoscalerEvents:
+    """The autoscaler's events as the driver shows them, for people: nodes added and removed, without
+    the "Resized to N CPUs" total after every change; each once (on one machine every node's log
+    monitor forwards the autoscaler's log, so a fake cluster's events came two to four times)."""
+
+    EVENT, KEEP = ":event_summary:", re.compile(r":event_summary:(Adding|Removing) ")
+
+    def __init__(self, window_s: float = 2.0):
+        self.window_s, self.last = window_s, {}
+
+    def __call__(self, pid, lines: list[str]) -> list[str]:
+        if pid != "autoscaler":
+            return lines
+        out, now = [], time.monotonic()
+        for line in lines:
+            if self.EVENT in line:
+                if not self.KEEP.search(line):
+                    continue
+                event = line.split(self.EVENT, 1)[1]
+                if now - self.last.get(event, -self.window_s) < self.window_s:
+                    continue
+                self.last[event] = now
+            out.append(line)
+        return out
+
+
 def hide_ray_component_logs() -> None:
     """Drop Ray's own C++ log lines (e.g. an actor killed twice at shutdown, logged as an error), the
     raylet's worker start-up warning, and what the workers of an early-stopped trial print while
     they are torn down (a SIGTERM stack dump, the data coordinator's ``ActorDiedError``, the SIGTERM
     handler's ``SystemExit`` noted during garbage collection) from what the cluster sends to this
     driver (worker logs and errors pushed to the driver), and shorten a worker's abort dump to one
-    line (``WorkerAbortDumps``); the job's own output, other Python
+    line (``WorkerAbortDumps``), show each worker note once (``OnceNotes``) and each autoscaler event
+    once, without its resource totals (``AutoscalerEvents``); the job's own output, other Python
     tracebacks and the raylet's other messages (e.g. OOM kills) pass. Wraps Ray's private
     ``print_to_stdstream`` (Ray is pinned < 2.61; if it moves, nothing is filtered); call before
     ``ray.init``, which binds it."""
@@ -143,12 +189,12 @@ def hide_ray_component_logs() -> None:
     if getattr(show, "raypipe_filter", False):
         return
 
-    stopped_trials, aborts = StoppedTrialTracebacks(), WorkerAbortDumps()
+    stopped_trials, aborts, notes, autoscaler = StoppedTrialTracebacks(), WorkerAbortDumps(), OnceNotes(), AutoscalerEvents()
 
     def filtered(data: dict, ignore_prefix: bool) -> None:
         pid = data.get("pid")
-        lines = stopped_trials(pid, aborts(pid, [line for line in data.get("lines", [])
-                                                 if not RAY_COMPONENT_LOG.match(line)]))
+        lines = autoscaler(pid, notes(pid, stopped_trials(pid, aborts(pid, [
+            line for line in data.get("lines", []) if not RAY_COMPONENT_LOG.match(line)]))))
         if lines:
             show({**data, "lines": lines}, ignore_prefix)
     filtered.raypipe_filter = True
@@ -168,10 +214,14 @@ def hide_internal_deprecations() -> None:
 
 
 def quiet_ray_data() -> None:
+    import logging
+
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.verbose_progress = False
+    if not verbose():   # Ray Data set its level when first imported, before RAY_DATA_LOG_LEVEL was set here
+        logging.getLogger("ray.data").setLevel(os.environ.get("RAY_DATA_LOG_LEVEL", "ERROR"))
 

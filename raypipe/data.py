@@ -251,7 +251,10 @@ def decode_split(index: SplitIndex, cfg: DataConfig) -> DecodedSplit:
             return {"image": [batch["image"][j] for j in keep], "path": [batch["path"][j] for j in keep],
                     "label": [labels[i] for i in pos], "idx": pos}
 
-        ds = ray.data.read_parquet(index.parquet_files).select_columns(["image", "path"]).map_batches(
+        # every task of the pipeline asks for data.cpus_per_task, the read tasks too (Ray's default is
+        # a whole CPU each: on an autoscaling cluster that demand alone launches nodes)
+        ds = ray.data.read_parquet(index.parquet_files, num_cpus=cfg.cpus_per_task).select_columns(
+            ["image", "path"]).map_batches(
             attach, batch_format="numpy", num_cpus=cfg.cpus_per_task)
     else:
         rows = [{"path": p, "label": y, "idx": i} for i, (p, y) in enumerate(zip(index.paths, index.labels))]

@@ -4,6 +4,7 @@ with checkpoints, Train's checkpoint to resume from, with a fallback past a torn
 final checkpoint of a finished run."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import signal
 import tempfile
@@ -14,6 +15,8 @@ import pyarrow.fs as pafs
 import ray.train
 import torch
 from ray.train import Checkpoint
+from ray.train.torch import TorchConfig
+from ray.train.torch.config import _TorchBackend   # private: ray is pinned (requirements/cluster.lock)
 
 from . import registry, storage
 from .checkpoints import STATE_FILE, LocalCheckpoints, load_state_file, write_state
@@ -30,16 +33,13 @@ class RaySession:
 
     def __init__(self, local: LocalCheckpoints | None = None):
         self.local = local
-        try:
-            from ray.train.torch import get_device
-            self.device = get_device()
-        except Exception:  # Train's local mode may have no device context
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = worker_device()
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
     def batches(self, split: str, batch_size: int, shuffle_buffer: int = 0):
-        return ray.train.get_dataset_shard(split).iter_torch_batches(
-            batch_size=batch_size, drop_last=split == "train", local_shuffle_buffer_size=shuffle_buffer or None)
+        return ray.train.get_dataset_shard(split).iter_torch_batches(   # to this worker's device (not Train's guess)
+            batch_size=batch_size, drop_last=split == "train", local_shuffle_buffer_size=shuffle_buffer or None,
+            device=self.device)
 
     def resume_state(self) -> dict | None:
         return load_resume_state(self.local)
@@ -55,6 +55,45 @@ class RaySession:
         with tempfile.TemporaryDirectory(prefix="raypipe-ckpt-") as folder:
             write_state(state, Path(folder))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
+
+def worker_device() -> torch.device:
+    """The device Train gave this worker, if torch can see it: a GPU Ray assigned without a CUDA
+    device behind it (a logical GPU, e.g. on a test cluster) means CPU, said once by the first worker."""
+    try:
+        from ray.train.torch import get_device
+        device = get_device()
+    except Exception:  # Train's local mode may have no device context
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        if ray.train.get_context().get_world_rank() == 0:
+            # one text for every worker and node: the job shows a note once (console.OnceNotes)
+            print("note: Ray assigned GPUs that torch cannot see (no CUDA device on the node): training on CPU "
+                  "(process group: gloo)", flush=True)
+        return torch.device("cpu")
+    return device
+
+
+def _cuda_seen() -> bool:
+    return torch.cuda.is_available()
+
+
+class _SeenDeviceBackend(_TorchBackend):
+    """Train's torch backend, with the process group's backend chosen from what the workers' torch
+    sees: Train picks NCCL whenever GPUs are requested (TorchTrainer sets it on the driver), which
+    fails on a GPU torch cannot see."""
+
+    def on_start(self, worker_group, backend_config: TorchConfig):
+        if backend_config.backend in (None, "nccl") and worker_group.get_resources_per_worker().get("GPU", 0) > 0 \
+                and not all(worker_group.execute(_cuda_seen)):
+            backend_config = dataclasses.replace(backend_config, backend="gloo")
+        super().on_start(worker_group, backend_config)
+
+
+class SeenDeviceTorchConfig(TorchConfig):
+    @property
+    def backend_cls(self):
+        return _SeenDeviceBackend
 
 
 def train_worker(loop_config: dict) -> None:
@@ -136,7 +175,7 @@ def run_trainer(cfg: Config, loop_config: dict, datasets: dict, run: storage.Out
             str((run.scratch / "local_checkpoints").resolve()),
             run.path("local_checkpoints") if storage.is_uri(run.location) else None, res.keep_checkpoints)}
     trainer = TorchTrainer(train_worker, train_loop_config=loop_config, scaling_config=scaling,
-                           run_config=run_config, datasets=datasets,
+                           run_config=run_config, datasets=datasets, torch_config=SeenDeviceTorchConfig(),
                            dataset_config=DataConfig(datasets_to_split=["train"]))
     # fit() installs a SIGINT handler that holds the Train controller's handle, which keeps the
     # controller and its dataset actors alive after the run; restoring the handler frees them.

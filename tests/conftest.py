@@ -104,9 +104,9 @@ def ray_cluster():
 
 
 def pytest_collection_modifyitems(config, items):
-    """The multi-node tests last: their fixture parks the session's local cluster for a simulated
-    multi-node one, and nothing after them needs the local one back."""
-    items.sort(key=lambda item: "three_nodes" in getattr(item, "fixturenames", ()))
+    """The multi-node and autoscaler tests last: their fixtures park the session's local cluster for
+    a simulated multi-node one, and nothing after them needs the local one back."""
+    items.sort(key=lambda item: bool({"three_nodes", "fake_cluster"} & set(getattr(item, "fixturenames", ()))))
 
 
 @pytest.fixture

@@ -130,6 +130,28 @@ def test_a_worker_abort_dump_becomes_one_line_per_process():
     assert collapse(11, ["", "Extension modules: x"]) == ["", "Extension modules: x"]   # outside a dump: kept
 
 
+def test_a_workers_note_is_said_once_per_job():
+    from raypipe.console import OnceNotes
+    note = "note: Ray assigned GPUs that torch cannot see (no CUDA device on the node): training on CPU (process group: gloo)"
+    once = OnceNotes()
+    assert once(1, ["pretrain epoch   0", note]) == ["pretrain epoch   0", note]
+    assert once(2, [note, "pretrain epoch   1"]) == ["pretrain epoch   1"]     # another run's worker: not again
+    assert once(3, ["note: something else", "epoch"]) == ["note: something else", "epoch"]
+    assert once(4, ["a line", "a line"]) == ["a line", "a line"]                 # only notes are deduplicated
+
+
+def test_autoscaler_events_show_each_node_change_once_without_totals():
+    from raypipe.console import AutoscalerEvents
+    add = "2026-12-06 04:38:10,758\tINFO monitor.py:438 -- :event_summary:Adding 1 node(s) of type gpu_1x."
+    resized = "2026-12-06 04:38:11,001\tINFO monitor.py:438 -- :event_summary:Resized to 4 CPUs, 1 GPUs."
+    gone = "2026-12-06 04:39:01,001\tINFO monitor.py:438 -- :event_summary:Removing 1 nodes of type gpu_1x (idle)."
+    events = AutoscalerEvents(window_s=60)
+    assert events("autoscaler", [add, resized, add]) == [add]          # forwarded twice: shown once
+    assert events("autoscaler", [add, gone]) == [gone]
+    assert events(4321, [resized]) == [resized]                         # a worker's own line passes
+    assert AutoscalerEvents(window_s=0)("autoscaler", [add, add]) == [add, add]   # later events are new ones
+
+
 def test_ray_component_logs_are_hidden_from_the_driver_unless_verbose(ray_cluster, capsys):
     """Lines the cluster sends to the driver (worker logs, errors pushed by the raylet): Ray's C++
     log lines and the raylet's worker start-up burst warning are dropped, the job's own pass."""
