@@ -1,6 +1,8 @@
 """The record every benchmark of this folder writes: its figures with the command that produced them,
 the date and the machine. By default it goes to docs/bench/<script name>.json, a small file committed
-next to the docs that quote it (docs/benchmarks.md, docs/search.md); pass --out elsewhere for a trial.
+next to the docs that show it (docs/benchmarks.md, docs/search.md); pass --out elsewhere for a trial.
+bench/figures.py renders each record into its generated block of those docs (`python experiments/tables.py`;
+`--check` names the blocks whose record is missing).
 """
 from __future__ import annotations
 

@@ -6,7 +6,10 @@ calls by a simulated clock of one epoch per tick; a suggested configuration trai
 configuration of the table (unit cube: margin linear, temperature, K and lr logarithmic).
 
 Reported: the best k-NN seen against epochs of compute (median and quartiles over seeds, PNG), and
-the compute TPE + ASHA needs to reach the best that random search reaches with its full budget.
+the compute each searcher needs to reach the best that random search reaches with its full budget, in
+trial-epochs (the epochs of all trials added up) and in wall time: the replay's clock also runs in
+seconds, each epoch lasting as long as that configuration's epoch took in the table's run (its
+``seconds`` column), the trials of one tick side by side.
 
     pip install -e ".[bench]"     # CMA-ES (Optuna's CmaEsSampler needs the cmaes package)
     python bench/search_replay.py [--seeds 20] [--budget-trials 16] [--concurrency 1]
@@ -54,6 +57,9 @@ class Table:
         self.curves = {cid: g[METRIC].to_numpy() for cid, g in first}
         # a configuration's k-NN once trained in full, with the epoch-to-epoch noise averaged out
         self.plateau = {cid: float(c[-10:].mean()) for cid, c in self.curves.items()}
+        # each epoch's wall seconds in the table's run (its `seconds` count from the first training batch)
+        self.epoch_seconds = ({cid: np.diff(g["seconds"].to_numpy(float), prepend=0.0) for cid, g in first}
+                              if "seconds" in teachers else None)
         raw = self._transform(self.params.to_numpy(float))
         self.lo, self.span = raw.min(0), np.maximum(raw.max(0) - raw.min(0), 1e-12)
         self.coords = (raw - self.lo) / self.span
@@ -65,6 +71,10 @@ class Table:
                 x[:, j] = np.log(x[:, j])
         return x
 
+    def epoch_time(self, cid: int, epoch: int) -> float:
+        """Wall seconds of ``epoch`` (from 1) of configuration ``cid`` (nan where the table has no times)."""
+        return float(self.epoch_seconds[cid][epoch - 1]) if self.epoch_seconds is not None else math.nan
+
     def nearest(self, point: dict) -> int:
         x = (self._transform(np.array([[float(point[k]) for k in self.keys]])) - self.lo) / self.span
         return int(self.params.index[np.argmin(((self.coords - x) ** 2).sum(1))])
@@ -73,7 +83,9 @@ class Table:
 def replay(method: str, seed: int, cfg: Config, table: Table, budget: int, concurrency: int, max_t: int,
            n_train: int = 500) -> tuple[list[tuple], list[tuple[int, int]]]:
     """One search run -> ([(epochs spent, best k-NN so far, the plateau k-NN of that best trial's
-    configuration)] at every report, [(configuration, epochs trained)] of each finished trial)."""
+    configuration, wall seconds)] at every report, [(configuration, epochs trained)] of each finished
+    trial). The clock ticks one epoch of every running trial at a time; in seconds, a tick lasts as long
+    as its slowest epoch (the trials run side by side) and a report comes at its own epoch's end."""
     import optuna
     from ray.tune.schedulers import TrialScheduler
 
@@ -91,6 +103,7 @@ def replay(method: str, seed: int, cfg: Config, table: Table, budget: int, concu
         scheduler.set_search_properties(METRIC, "max")
     every = cfg.teacher.knn_every
     running, spent, best, chosen, trace, finished, n = {}, 0, -math.inf, math.nan, [], [], 0
+    clock = 0.0
     while spent < budget:
         while len(running) < concurrency:
             trial = SimpleNamespace(trial_id=f"t{n:04d}")
@@ -101,18 +114,21 @@ def replay(method: str, seed: int, cfg: Config, table: Table, budget: int, concu
                 scheduler.on_trial_add(None, trial)
             running[trial.trial_id] = {"trial": trial, "cid": cid, "curve": table.curves[cid], "epoch": 0,
                                        "last": None}
+        tick_end = clock
         for tid in list(running):
             run = running[tid]
             run["epoch"] += 1
             spent += 1
             epoch = run["epoch"]
+            now = clock + table.epoch_time(run["cid"], epoch)
+            tick_end = max(tick_end, now)
             action = TrialScheduler.CONTINUE
             if epoch % every == 0 or epoch == max_t:
                 result = {"training_iteration": epoch, METRIC: float(run["curve"][epoch - 1])}
                 run["last"] = result
                 if result[METRIC] > best:
                     best, chosen = result[METRIC], table.plateau[run["cid"]]
-                trace.append((spent, best, chosen))
+                trace.append((spent, best, chosen, now))
                 searcher.on_trial_result(tid, result)
                 if scheduler is not None:
                     action = scheduler.on_trial_result(None, run["trial"], result)
@@ -124,11 +140,13 @@ def replay(method: str, seed: int, cfg: Config, table: Table, budget: int, concu
                 del running[tid]
             if spent >= budget:
                 break
+        clock = tick_end
     return trace, finished
 
 
 def best_at(trace: list[tuple], grid: np.ndarray, column: int = 1) -> np.ndarray:
-    """The trace's ``column`` (1: best k-NN seen, 2: the chosen configuration's plateau) at ``grid`` epochs."""
+    """The trace's ``column`` (1: best k-NN seen, 2: the chosen configuration's plateau, 3: wall seconds) at
+    ``grid`` epochs."""
     spent = np.array([t[0] for t in trace])
     values = np.array([t[column] for t in trace])
     idx = np.searchsorted(spent, grid, side="right") - 1
@@ -137,6 +155,11 @@ def best_at(trace: list[tuple], grid: np.ndarray, column: int = 1) -> np.ndarray
 
 def epochs_to_reach(trace, target: float) -> float:
     return next((float(t[0]) for t in trace if t[1] >= target), math.inf)
+
+
+def seconds_to_reach(trace, target: float) -> float:
+    """Wall seconds until the best k-NN seen reaches ``target`` (the earliest report at or past it)."""
+    return min((float(t[3]) for t in trace if t[1] >= target), default=math.inf)
 
 
 def spearman(x, y) -> float:
@@ -306,7 +329,11 @@ def main():
                "table_best_plateau": float(max(table.plateau.values())),
                "start_point_best": float(table.curves[table.nearest(table_point(cfg.to_dict()))].max()),
                "knn_every": cfg.teacher.knn_every, "concurrency": args.concurrency, "seeds": args.seeds,
-               "methods": {}}
+               "trial_epochs": max_t, "methods": {}}
+    timed = table.epoch_seconds is not None
+    if timed:   # random search's full budget in wall time
+        summary["budget_seconds"] = float(np.median([best_at(t, np.array([budget]), 3)[0]
+                                                     for t in runs["random"].values()]))
     for name, traces in runs.items():
         reach = [epochs_to_reach(t, target) for t in traces.values()]
         at_budget = [best_at(t, np.array([budget]))[0] for t in traces.values()]
@@ -321,8 +348,11 @@ def main():
             "chosen_plateau_at_half_budget_median": float(np.median([best_at(t, np.array([budget // 2]), 2)[0]
                                                                      for t in traces.values()]))}
         m = summary["methods"][name]
+        if timed:
+            m["median_seconds_to_target"] = float(np.median([seconds_to_reach(t, target) for t in traces.values()]))
         print(f"{name:<22} reaches {target:.1f} in median {m['median_epochs_to_target']:.0f} epochs "
               f"({m['ratio_to_budget']:.2f}x of random's {budget}; {m['reached']}/{args.seeds} seeds within 2x), "
+              + (f"{m['median_seconds_to_target']:.0f} s, " if timed else "") +
               f"best at 0.5x budget {m['best_at_half_budget_median']:.1f}, at 1x {m['best_at_budget_median']:.1f}; "
               f"chosen configuration's plateau at 0.5x {m['chosen_plateau_at_half_budget_median']:.1f}, "
               f"at 1x {m['chosen_plateau_at_budget_median']:.1f}")

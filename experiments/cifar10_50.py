@@ -319,6 +319,9 @@ class Cifar10(Runner):
     def write_table(self, steps: list[Step]) -> None:
         self.write_block(self.table(steps))
 
+    def block(self, data: str | None = None) -> str:
+        return self.table(self.known_steps(data or self.DATA))
+
 
 def main(argv: list[str] | None = None) -> int:
     args = runner_args(argv, __doc__, Cifar10.RESULTS, "run just these steps (names as in runs/cifar10_50/steps)")
@@ -333,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             runner.run_all(steps, only, earlier)
             earlier += steps
-    runner.write_table(runner.known_steps(args.data))
+    runner.write_block(runner.block(args.data))
     return 0
 
 

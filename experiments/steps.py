@@ -109,6 +109,21 @@ def commands(block: str) -> set[str]:
     return {line.split("   #")[0].strip() for line in block.splitlines() if line.startswith("raypipe ")}
 
 
+def dropped_commands(old: str, new: str) -> list[str]:
+    """The recorded commands of block ``old`` that block ``new`` lacks: their step records are missing."""
+    return sorted(commands(old) - commands(new))
+
+
+def split_block(doc: str, begin: str, end: str) -> tuple[str, str, str] | None:
+    """``doc`` as (text before ``begin``, the block from ``begin`` to ``end`` inclusive, text after it), or
+    None where either marker is missing."""
+    if begin not in doc or end not in doc.split(begin, 1)[1]:
+        return None
+    head, rest = doc.split(begin, 1)
+    old, tail = rest.split(end, 1)
+    return head, begin + old + end, tail
+
+
 def runner_args(argv: list[str] | None, description: str, doc: Path, only_help: str,
                 data_default: str = "../shared/data/cifar10-50") -> argparse.Namespace:
     """The command line every runner shares; checks the data, moves to the repository."""
@@ -130,6 +145,7 @@ class Runner:
     BEGIN: ClassVar[str] = "<!-- results:begin (written by experiments/cifar10_50.py) -->"
     END: ClassVar[str] = "<!-- results:end -->"
     TITLE: ClassVar[str] = "Results"   # of a new results doc
+    DATA: ClassVar[str] = "../shared/data/cifar10-50"   # the data its steps' commands name (--data's default)
     RECIPES: ClassVar[dict[str, str]] = {}               # student recipe -> its config file (in configs)
     DISTILL_CANDIDATES: ClassVar[tuple[str, ...]] = ()  # recipes whose lambda is chosen on val (seed 0)
 
@@ -327,19 +343,29 @@ class Runner:
         return [f"{' '.join(rec['argv'])}   # {rec['name']}: {rec['wall_s'] / 60:.1f} min, exit {rec['rc']}"
                 for rec in self.recorded(steps)]
 
+    def block(self, data: str | None = None) -> str:
+        """The generated block (BEGIN ... END) that ``--table-only`` writes, from the kept records alone;
+        ``data``: the data folder its steps' commands name (default DATA)."""
+        raise NotImplementedError
+
+    def committed_block(self) -> str | None:
+        """The generated block as ``results`` holds it now (markers included); None without the doc or its markers."""
+        parts = split_block(self.results.read_text(), self.BEGIN, self.END) if self.results.is_file() else None
+        return parts[1] if parts else None
+
     def write_block(self, block: str) -> None:
         """Replace the generated block (BEGIN ... END, markers included in ``block``) of ``results``;
         the hand-written text around it stays."""
         path, begin, end = self.results, self.BEGIN, self.END
         doc = path.read_text() if path.is_file() else f"# {self.TITLE}\n\n{begin}\n{end}\n"
-        if begin not in doc or end not in doc:
+        parts = split_block(doc, begin, end)
+        if parts is None:
             raise SystemExit(f"{path} lost its {begin!r} / {end!r} markers; restore them to regenerate")
-        head, rest = doc.split(begin, 1)
-        old, tail = rest.split(end, 1)
-        dropped = commands(old) - commands(block)
+        head, old, tail = parts
+        dropped = dropped_commands(old, block)
         if dropped:
             raise SystemExit(f"not rewriting {path}: the new block would drop {len(dropped)} recorded command(s), "
-                             f"e.g. {sorted(dropped)[0]!r}, whose records are missing from {self.records}; restore "
+                             f"e.g. {dropped[0]!r}, whose records are missing from {self.records}; restore "
                              "them (git) or move the old block out of the markers by hand")
         path.write_text(head + block + tail)
         print(f"wrote {path}", flush=True)

@@ -56,7 +56,7 @@ class TeacherStudy(Runner):
                                           "--config", config], self.probe_file(arm))]
         return out
 
-    def table(self) -> str:
+    def table(self, data: str | None = None) -> str:
         random = self.load(self.probe_file(RANDOM)) or {}
         rows = [f"| random weights | - | - | {fmt(random.get('val_knn_top1'))} | - | "
                 f"{fmt(random.get('test_knn_top1'))} | - | {fmt(random.get('val_top1'))} | "
@@ -79,7 +79,10 @@ class TeacherStudy(Runner):
             "0.1 / 1 / 10 / 30 (x10 beyond the edge, twice at most, while the best sits on it) chosen on val. "
             "2 CPU cores.", "",
             "Every command, in the order run:", "",
-            "```", *self.commands_block(self.steps("../shared/data/cifar10-50")), "```", "", self.END])
+            "```", *self.commands_block(self.steps(data or self.DATA)), "```", "", self.END])
+
+    def block(self, data: str | None = None) -> str:
+        return self.table(data)
 
     def write_table(self) -> None:
         self.write_block(self.table())
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.table_only:
         only = {f"{kind}_{arm}" for arm in args.only for kind in ("pretrain", "probe")} if args.only else None
         runner.run_all(runner.steps(args.data), only)
-    runner.write_table()
+    runner.write_block(runner.block(args.data))
     return 0
 
 

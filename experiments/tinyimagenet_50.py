@@ -53,6 +53,7 @@ LAMBDAS = {"distill": "1e-4", "distill_l1e-5": "1e-5"}
 
 class TinyImageNet(Runner):
     NAME = "tinyimagenet_50"  # committed records: experiments/records/tinyimagenet_50 (see experiments/steps.py)
+    DATA: ClassVar[str] = DATA
     BEGIN: ClassVar[str] = "<!-- tinyimagenet:begin (written by experiments/tinyimagenet_50.py) -->"
     END: ClassVar[str] = "<!-- tinyimagenet:end -->"
     RECIPES: ClassVar[dict[str, str]] = RECIPES
@@ -147,6 +148,9 @@ class TinyImageNet(Runner):
                "Every command, in the order run:", "", "```", *self.commands_block(all_steps), "```", "", self.END]
         return "\n".join(out)
 
+    def block(self, data: str | None = None) -> str:
+        return self.table(self.steps(data or self.DATA))
+
 
 def main(argv: list[str] | None = None) -> int:
     args = runner_args(argv, __doc__, TinyImageNet.RESULTS,
@@ -155,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     all_steps = runner.steps(args.data)
     if not args.table_only:
         runner.run_all(all_steps, set(args.only) if args.only else None)
-    runner.write_block(runner.table(all_steps))
+    runner.write_block(runner.block(args.data))
     return 0
 
 

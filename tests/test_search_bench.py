@@ -50,8 +50,11 @@ def test_main_job_search_starts_from_the_recipe_and_asha_stops_by_grace_period(r
     recipe = table.curves[0]
     trace, finished = replay_mod.replay("tpe+asha", 0, bench_cfg, table, budget=1200, concurrency=1, max_t=100)
     # the first trial is the config's own point (the paper's values): the recipe's curve, reported every 10 epochs
-    assert finished[0][0] == 0 and trace[0] == (10, recipe[9], table.plateau[0])
-    assert all(b2 >= b1 for (_, b1, _), (_, b2, _) in zip(trace, trace[1:]))
+    assert finished[0][0] == 0 and trace[0][:3] == (10, recipe[9], table.plateau[0])
+    assert all(b2 >= b1 for (_, b1, *_), (_, b2, *_) in zip(trace, trace[1:]))
+    # its wall clock: one trial at a time, the recipe's own epoch times from the table, added up
+    assert trace[0][3] == pytest.approx(table.epoch_seconds[0][:10].sum())
+    assert all(t2 > t1 for (*_, t1), (*_, t2) in zip(trace, trace[1:]))
     # default grace period: half the epochs, so no trial stops before epoch 50; some stop there
     assert min(e for _, e in finished) == 50 and any(e == 100 for _, e in finished)
     early = bench_cfg.with_overrides({"tune.grace_period": 2})
@@ -63,6 +66,11 @@ def test_random_search_without_scheduler_trains_every_trial_in_full(replay_mod, 
     trace, finished = replay_mod.replay("random", 1, bench_cfg, table, budget=500, concurrency=2, max_t=100)
     assert [e for _, e in finished] == [100] * 4 and trace[-1][0] == 500  # 2 more were cut by the budget
     assert finished[0][0] != 0 or finished[1][0] != 0  # no start point for the baseline
+    # two trials side by side: 500 trial-epochs take about 250 epochs of wall time, each tick its slower epoch
+    per_epoch = [s for c in table.epoch_seconds.values() for s in c]
+    assert 250 * min(per_epoch) <= trace[-1][3] <= 250 * max(per_epoch)
+    assert replay_mod.seconds_to_reach(trace, trace[-1][1]) <= trace[-1][3]
+    assert replay_mod.seconds_to_reach(trace, 1000.0) == float("inf")
 
 
 def test_grace_period_default_is_half_the_trial():
