@@ -160,8 +160,9 @@ class Runner:
     def teacher_file(self, name: str) -> Path:
         return self.runs / f"teacher_{name}" / "teacher.pt"
 
-    def student_file(self, run: str) -> Path:
-        return self.runs / run / "student.pt"
+    def student_file(self, run: str, final: bool = False) -> Path:
+        """A student run's model file: the best val epoch's, or (``final``, with student.export_final) the last's."""
+        return self.runs / run / ("student_final.pt" if final else "student.pt")
 
     def probe_file(self, teacher: str) -> Path:
         return self.runs / f"teacher_{teacher}" / "probe.json"
@@ -182,11 +183,12 @@ class Runner:
         path = self.kept(path)
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def evaluate(self, data: str, name: str, runs: list[str], split: str, ten_crop: bool = False) -> Step:
+    def evaluate(self, data: str, name: str, runs: list[str], split: str, ten_crop: bool = False,
+                 final: bool = False) -> Step:
         out = self.runs / "eval" / name
         argv = ["evaluate", data, "--split", split, "--out", str(out), "--config", f"{self.configs}/base.yaml"]
         for run in runs:
-            argv += ["--model", str(self.student_file(run))]
+            argv += ["--model", str(self.student_file(run, final))]
         return Step(f"eval_{name}", argv + (["--ten-crop"] if ten_crop else []), out / "report.json")
 
     # ---- running ------------------------------------------------------------------------------

@@ -71,10 +71,13 @@ def run_phase(cfg: Config, phase, index: dict, out: storage.Outputs | None = Non
     state = final_state(result)
     exported = best_weights(state)
     phase.export(exported, run.local(phase.model_file))
+    if phase.final_file:   # the last epoch's weights as well: the state as it ended
+        phase.export({**state, "best_epoch": None}, run.local(phase.final_file))
     history = state["history"]
     final = {"phase": phase.name, "epochs": len(history), **history[-1],
              f"best_{phase.best_metric}": max((h.get(phase.best_metric, 0.0) for h in history), default=0.0),
              phase.model_key: run.publish(phase.model_file), "exported_epoch": exported["best_epoch"],
+             **({"final_model": run.publish(phase.final_file)} if phase.final_file else {}),
              "device_views": device_views, "skipped_images": skipped, "n_train": decoded["train"].count,
              "checkpoint": storage.location_of(result.checkpoint.filesystem, result.checkpoint.path)}
     run.local("metrics.json").write_text(json.dumps(final, indent=2, default=str))

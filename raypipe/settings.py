@@ -131,6 +131,8 @@ class StudentConfig(OptimConfig):
     autoaugment: AUTOAUGMENT = opt("none")
     crop_min_scale: float = opt(0.08, "random-resized-crop scale (x, 1)", gt=0.0, le=1.0)
     mixup_alpha: float = opt(0.0, "mixup Beta(alpha, alpha); 0 = off", ge=0.0)
+    export_final: bool = opt(False, "also export the last epoch's weights as student_final.pt (student.pt holds "
+                                    "the epoch with the best val)")
 
 
 # stage 2's choice of teacher, a searched parameter beside the config: 1 = stage 1's best k-NN, 2 = its

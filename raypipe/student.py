@@ -143,6 +143,8 @@ class StudentPhase:
         if self.payload is not None and self.payload.get("classes") and self.payload["classes"] != self.classes:
             print(f"note: teacher was pre-trained on classes {self.payload['classes'][:5]}...; "
                   f"student classes come from {cfg.data.root}", flush=True)
+        # the last epoch's weights too, under the other export rule (student.export_final)
+        self.final_file = "student_final.pt" if cfg.student.export_final else None
         self.recipes = distiller_class(cfg).views(cfg)
         if len(self.recipes) != 1:   # training_step gets one normalised batch (mixup, CE on it)
             raise ConfigError(f"student.mode={cfg.student.mode!r}: a distiller trains on one view of each image; "

@@ -76,6 +76,7 @@ class TeacherPhase:
     """What phase 1 adds to the phase runner's launch sequence."""
 
     name, model_file, model_key, best_metric = "pretrain", "teacher.pt", "teacher", "knn_top1"
+    final_file = None   # only the best epoch's weights are exported
     run = staticmethod(run)
     eval_splits = {"bank": "train", "val": "val"}   # centre-crop splits the workers read whole: name -> split
 

@@ -38,7 +38,9 @@ def fake_student(mod, run: str, val: float, test: float, wall: float = 60.0) -> 
 def test_every_step_is_a_valid_command_with_a_valid_config(repro):
     names = [s.name for s in repro.known_steps("DATA")]
     assert names[:2] == ["probe_random", f"pretrain_{cifar10_50.MAIN_TEACHER}"]   # the baseline of every teacher's gain
-    assert names[-2:] == ["finetune_s0", "eval_finetune_s0_test"]
+    assert names[-3:] == ["finetune_s0", "eval_finetune_s0_test", "eval_finetune_s0_final_test"]   # both export rules
+    finetune = [s for s in repro.known_steps("DATA") if s.name == "finetune_s0"][0]
+    assert "student.export_final=true" in finetune.argv
     fake_student(repro, "distill_s0", 42.0, 43.0)
     fake_student(repro, "distill_l1e-4_s0", 44.0, 45.0)   # lambda 1e-4 wins on val
     fake_student(repro, "tricks_s0", 40.0, 41.0)           # tricks lose on val
@@ -87,6 +89,9 @@ def test_table_statistics_and_val_decisions(repro):
         fake_student(repro, f"supervised_s{seed}", val, test)
     for seed, (val, test) in enumerate([(40, 41), (42, 43), (44, 48)]):
         fake_student(repro, f"distill_s{seed}", val, test)
+    for seed, (sup, dis) in enumerate([(30.0, 40.0), (31.0, 43.0)]):   # the last epochs' tests, seeds 0 and 1 only
+        put(repro.records / "eval" / f"supervised_s{seed}_final_test" / "report.json", {"top1": sup, "n_images": 10000})
+        put(repro.records / "eval" / f"distill_s{seed}_final_test" / "report.json", {"top1": dis, "n_images": 10000})
     fake_student(repro, "distill_l1e-4_s0", 39.0, 50.0)  # loses on val: its test number must not matter
     fake_student(repro, "tricks_s0", 45.0, 46.0)  # beats distill_s0 on val: kept
     put(repro.records / "eval" / "tricks_s0_10crop_val" / "report.json", {"top1": 44.5})  # worse on val
@@ -115,7 +120,7 @@ def test_table_statistics_and_val_decisions(repro):
     doc = repro.results.read_text()
     rows = {line.split("|")[1].strip(): line for line in doc.splitlines() if line.startswith("|")}
     assert rows["supervised from scratch"].endswith("| 41.27 | 27.9 |")   # before the fixes, then the paper
-    assert rows["phase 1 + linear probe"].endswith("| 35.00 | 34.00 | - | 28.71 | 34.5 |")
+    assert rows["phase 1 + linear probe"].endswith("| 35.00 | 34.00 | - | - | 28.71 | 34.5 |")
     assert rows["gain over random weights"] == "| gain over random weights | +9.00 | +12.50 | +10.00 | +10.00 |"
     assert rows["0"].startswith("| 0 | 480 |") and "| 27.00 | +7.00 | - | - | 28.93 / 26.33 |" in rows["0"]
     assert "budget-matched supervised baseline: **+4.00 points**" in doc   # 44 (3-seed mean) - 40
@@ -128,6 +133,10 @@ def test_table_statistics_and_val_decisions(repro):
     assert "**33.00 ± 2.00** (31.00, 33.00, 35.00)" in doc        # supervised test: mean ± sample sd
     assert "**44.00 ± 3.61**" in doc                               # distill test 41, 43, 48
     assert "**+11.00 points**" in doc                              # 44 - 33
+    # the headline paired by seed under both export rules: best val (41-31, 43-33, 48-35), final (10, 12)
+    assert "best-val epoch (the headline rule): **11.00 ± 1.73** (10.00, 10.00, 13.00), seeds 0,1,2" in doc
+    assert "final epoch: **11.00 ± 1.41** (10.00, 12.00), seeds 0,1" in doc
+    assert "| **41.50 ± 2.12** (40.00, 43.00) | 39.26 | 44.6 |" in doc   # distill's final-epoch test cell
     rows = {line.split("|")[1].strip(): line for line in doc.splitlines() if line.startswith("| +")}
     assert "| kept |" in rows["+ AutoAugment (CIFAR-10 policy) + label smoothing 0.1"]
     assert "| dropped |" in rows["+ 10-crop test"]

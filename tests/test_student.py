@@ -16,7 +16,7 @@ from raypipe.student import check_teacher
 @pytest.mark.timeout(600)
 def test_distill_two_workers_end_to_end(ray_cluster, tiny_config, trained_teacher, tmp_path):
     cfg = tiny_config("name=student", "resources.num_workers=2", "student.epochs=2", "student.ofd.ce_only_epochs=1",
-                      "student.mode=distill")
+                      "student.mode=distill", "student.export_final=true")
     final = train_student(cfg, trained_teacher)
     run = tmp_path / "runs" / "student"
     for name in ("config.yaml", "metrics.csv", "metrics.json", "student.pt", "data_report.json"):
@@ -43,6 +43,10 @@ def test_distill_two_workers_end_to_end(ray_cluster, tiny_config, trained_teache
     last = torch.load(Path(final["checkpoint"]) / "state.pt", map_location="cpu", weights_only=False)
     same = all(torch.equal(v, last["model"][f"net.{k}"]) for k, v in net.state_dict().items())
     assert same == (best == 1)
+    # student.export_final: the last epoch's weights beside them, under the other export rule
+    last_net, last_payload = load_classifier(final["final_model"])
+    assert (run / "student_final.pt").is_file() and last_payload["best_epoch"] is None
+    assert all(torch.equal(v, last["model"][f"net.{k}"]) for k, v in last_net.state_dict().items())
 
 
 def test_teacher_checks_before_training(tiny_config, trained_teacher, tmp_path):
