@@ -141,6 +141,18 @@ def preflight(res: ResourcesConfig) -> None:
     check_cluster_can_fit(res, resolve_use_gpu(res))
 
 
+def pin_data_stats_here() -> None:
+    """Ray Data keeps one stats actor per cluster, detached, on the node of the process that first
+    uses Ray Data. Created from a Train worker it lived on a GPU node, which then never went idle and
+    was never terminated (tests/test_autoscaler.py). The driver creates it first, so it lives on the
+    driver's node (the head). Ray's private API, pinned with Ray; without it nothing changes."""
+    try:
+        from ray.data._internal.stats import get_or_create_stats_actor
+        get_or_create_stats_actor()
+    except Exception:   # a Ray without it, or Ray Client
+        pass
+
+
 def ensure_ray(**init_kwargs) -> None:
     """Connect to the cluster named by RAY_ADDRESS (``ray submit``/``ray job``) or start a local one.
 
@@ -175,5 +187,6 @@ def ensure_ray(**init_kwargs) -> None:
         if not verbose():
             hide_ray_component_logs()
         ray.init(log_to_driver=True, runtime_env=runtime_env, **init_kwargs)
+        pin_data_stats_here()
     quiet_ray_data()
     hide_internal_deprecations()
