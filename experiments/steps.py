@@ -13,7 +13,9 @@ A runner is a list of Steps, each one `raypipe` command. A `Runner` holds the ru
 - Models are never kept (.gitignore keeps model files out of experiments/records): a finished step
   whose model is gone from runs (a new machine) runs again, re-making it, before a step still to run
   that reads it; with ``--only``, unless it is among the steps asked for, the run stops and names it.
-  Its record is then the re-made run's.
+  Its record is then the re-made run's, and every step that read the earlier make (an eval of a re-made
+  student, a student of a re-made teacher) is stale: it is not done until it runs again, and the
+  command list of a table marks it until then.
 The table helpers (cells, rows read from the records, the generated block of a doc) are here too.
 Places are relative to the repository (``runner_args`` moves there).
 """
@@ -183,6 +185,15 @@ class Runner:
         path = self.kept(path)
         return json.loads(path.read_text()) if path.is_file() else None
 
+    def pretrain_steps(self, data: str, name: str, config: str, overrides: list[str] = ()) -> list[Step]:
+        """Pre-train ``teacher_<name>`` (``config`` + ``overrides``), then probe it (k-NN, and the linear probe
+        with its lr chosen on val) on val and test."""
+        teacher, probe = self.teacher_file(name), self.probe_file(name)
+        return [Step(f"pretrain_{name}", ["pretrain", data, *overrides, "--config", config, "--name",
+                                          f"teacher_{name}"], teacher),
+                Step(f"probe_{name}", ["linear-probe", data, "--teacher", str(teacher), "--split", "val", "test",
+                                       "--out", str(probe), "--config", config], probe)]
+
     def evaluate(self, data: str, name: str, runs: list[str], split: str, ten_crop: bool = False,
                  final: bool = False) -> Step:
         out = self.runs / "eval" / name
@@ -197,9 +208,19 @@ class Runner:
         rec = self.load(self.record_path(step))
         return bool(rec) and rec["rc"] == 0 and rec["argv"] == ["raypipe", *step.argv]
 
-    def is_done(self, step: Step, later: list[Step] = ()) -> bool:
-        """Succeeded, and its output is here (kept, or a model in runs) or no step still to run needs it."""
-        if not self.succeeded(step):
+    def remade_inputs(self, step: Step, earlier: list[Step]) -> list[Step]:
+        """The earlier steps whose output ``step`` reads that ran again after it did: its record (and what
+        it made) comes from an earlier make of them - stale."""
+        mine = self.load(self.record_path(step))
+        if not mine or "started" not in mine:
+            return []
+        recs = {s.name: self.load(self.record_path(s)) for s in earlier if str(s.output) in step.argv}
+        return [s for s in earlier if (rec := recs.get(s.name)) and rec.get("started", "") > mine["started"]]
+
+    def is_done(self, step: Step, later: list[Step] = (), earlier: list[Step] = ()) -> bool:
+        """Succeeded, not stale (no input of ``earlier`` re-made since), and its output is here (kept, or a
+        model in runs) or no step still to run needs it."""
+        if not self.succeeded(step) or self.remade_inputs(step, earlier):
             return False
         if self.present(step):
             return True
@@ -272,7 +293,7 @@ class Runner:
         """Run the steps not done yet (of ``only``, if given); ``earlier``: steps before these (earlier
         stages), whose models they may read."""
         for i, step in enumerate(steps):
-            if (only is None or step.name in only) and not self.is_done(step, steps[i + 1:]):
+            if (only is None or step.name in only) and not self.is_done(step, steps[i + 1:], [*earlier, *steps[:i]]):
                 self.remake_inputs(step, [*earlier, *steps[:i]], only)
                 self.run_step(step)
 
@@ -342,8 +363,17 @@ class Runner:
                 f"| gain over random weights | {' | '.join(fmt(gain(probe, random, k), '+.2f') for k in keys)} |"]
 
     def commands_block(self, steps: list[Step]) -> list[str]:
-        return [f"{' '.join(rec['argv'])}   # {rec['name']}: {rec['wall_s'] / 60:.1f} min, exit {rec['rc']}"
-                for rec in self.recorded(steps)]
+        """The recorded commands in order, each with its step, wall time and exit code; a stale one (an input
+        re-made after it ran) says so."""
+        lines = []
+        for i, step in enumerate(steps):
+            rec = self.load(self.record_path(step))
+            if rec:
+                remade = self.remade_inputs(step, steps[:i])
+                note = f"; STALE: made from an earlier {', '.join(s.name for s in remade)}" if remade else ""
+                lines.append(f"{' '.join(rec['argv'])}   # {rec['name']}: {rec['wall_s'] / 60:.1f} min, "
+                             f"exit {rec['rc']}{note}")
+        return lines
 
     def block(self, data: str | None = None) -> str:
         """The generated block (BEGIN ... END) that ``--table-only`` writes, from the kept records alone;

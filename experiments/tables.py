@@ -7,7 +7,7 @@
 The blocks, each between its markers in a doc:
 - the runners' tables: what `python experiments/<runner>.py --table-only` writes from the step records kept
   in experiments/records/ (cifar10_50.py and tinyimagenet_50.py -> docs/results.md, teacher_study.py ->
-  docs/teacher_study.md), made by the runners' own code (experiments/steps.py: ``Runner.block``);
+  docs/teacher_study.md, its study and its teacher choice), made by the runners' own code (experiments/steps.py: ``Runner.block``);
 - the benchmarks' figures (bench/figures.py: docs/benchmarks.md, docs/search.md), rendered from the records
   docs/bench/<name>.json that the benchmarks of bench/ write, each with the command that wrote it.
 A block whose records are missing is left as it stands and named, with the command that makes them: a
@@ -27,13 +27,14 @@ if __package__ in (None, ""):  # `python experiments/tables.py`: import from the
 from bench.figures import FIGURES, TABLES, Figure  # noqa: E402
 from experiments.cifar10_50 import Cifar10  # noqa: E402
 from experiments.steps import REPO, Runner, dropped_commands, split_block  # noqa: E402
-from experiments.teacher_study import TeacherStudy  # noqa: E402
+from experiments.teacher_study import TeacherChoice, TeacherStudy  # noqa: E402
 from experiments.tinyimagenet_50 import TinyImageNet  # noqa: E402
 
 # runner -> (the command that runs its missing steps, the steps its table reads)
 RUNNERS = {Cifar10: ("python experiments/cifar10_50.py", lambda r: r.known_steps(r.DATA)),
            TinyImageNet: ("python experiments/tinyimagenet_50.py", lambda r: r.steps(r.DATA)),
-           TeacherStudy: ("python experiments/teacher_study.py", lambda r: r.steps(r.DATA))}
+           TeacherStudy: ("python experiments/teacher_study.py", lambda r: r.steps(r.DATA)),
+           TeacherChoice: ("python experiments/teacher_study.py --only choice", lambda r: r.steps(r.DATA))}
 OK, STALE, MISSING, LACKING, BROKEN = "ok", "stale", "missing", "lacking", "no markers"
 
 

@@ -101,6 +101,15 @@ class TinyImageNet(Runner):
                 out += [Step(run, argv, self.student_file(run)), self.evaluate(data, f"{run}_test", [run], "test")]
         return out
 
+    def budget_gap(self) -> tuple[float | None, int, int]:
+        """Phase 1 + phase 2 (the lambda in use) minus the budget-matched supervised run, test top-1 seed
+        means as this runner's table gives it, with the number of seeds of each."""
+        rows = self.rows()
+        chosen = self.distill_in_use()
+        a = [t for s in rows[chosen] if (t := self.eval_top1(f"{chosen}_s{s}_test")) is not None]
+        b = [t for s in rows["supervised_budget"] if (t := self.eval_top1(f"supervised_budget_s{s}_test")) is not None]
+        return (sum(a) / len(a) - sum(b) / len(b) if a and b else None), len(a), len(b)
+
     def table(self, all_steps: list[Step]) -> str:
         means, lines, seeds, chosen = {}, [], self.rows(), self.distill_in_use()
         probe = self.load(self.probe_file(TEACHER)) or {}

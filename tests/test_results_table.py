@@ -53,7 +53,8 @@ def test_every_step_is_a_valid_command_with_a_valid_config(repro):
     assert {f"{r}_s{s}" for r in ("supervised", "distill_l1e-4") for s in cifar10_50.SEEDS} <= set(names)
     assert "distill_s1" not in names and "tricks_s1" not in names
     assert {"pretrain_m0_k128_s1", "s1_distill_s0", "s1_distill_l2.5e-5_s0", "s1_supervised_s0",
-            "supervised_budget_s0"} <= set(names)
+            *(f"supervised_budget_s{s}" for s in cifar10_50.SEEDS),
+            *(f"eval_supervised_budget_s{s}_final_test" for s in cifar10_50.SEEDS)} <= set(names)
     teacher_arch = {}  # teacher file -> the architecture its pretrain step trains
     for step in steps:
         args = build_parser().parse_args(step.argv)
@@ -101,7 +102,13 @@ def test_table_statistics_and_val_decisions(repro):
     assert repro.chain_recipe() == "tricks" and not repro.ten_crop_helps("tricks")
     steps = repro.known_steps("DATA")
     assert not any("--ten-crop" in s.argv for s in steps if s.name.startswith("eval_ensemble"))
-    fake_student(repro, "supervised_budget_s0", 38.0, 40.0)
+    for seed, test in enumerate((40.0, 41.0, 42.0)):
+        fake_student(repro, f"supervised_budget_s{seed}", 38.0, test)
+    tin = repro.records.parent / "tinyimagenet_50"   # Tiny ImageNet's records, beside these
+    for run, val, test in (("distill_s0", 20.0, 16.0), ("distill_s1", 20.0, 17.0), ("distill_l1e-5_s0", 19.0, 30.0),
+                           ("supervised_budget_s0", 19.0, 19.5)):
+        put(tin / run / "metrics.json", {"val_top1": val})
+        put(tin / "eval" / f"{run}_test" / "report.json", {"top1": test})
     fake_student(repro, "s1_supervised_s0", 36.0, 37.5)
     fake_student(repro, "s1_distill_s0", 37.0, 40.0)
     fake_student(repro, "s1_distill_l2.5e-5_s0", 39.0, 39.0)  # wins on val: the gap uses it
@@ -123,7 +130,11 @@ def test_table_statistics_and_val_decisions(repro):
     assert rows["phase 1 + linear probe"].endswith("| 35.00 | 34.00 | - | - | 28.71 | 34.5 |")
     assert rows["gain over random weights"] == "| gain over random weights | +9.00 | +12.50 | +10.00 | +10.00 |"
     assert rows["0"].startswith("| 0 | 480 |") and "| 27.00 | +7.00 | - | - | 28.93 / 26.33 |" in rows["0"]
-    assert "budget-matched supervised baseline: **+4.00 points**" in doc   # 44 (3-seed mean) - 40
+    # minus the budget-matched run, paired: 41-40, 43-41, 48-42; Tiny ImageNet's: (16 + 17)/2 - 19.5
+    assert ("paired by seed: best-val epoch (the headline rule): **3.00 ± 2.65** (1.00, 2.00, 6.00), seeds 0,1,2; "
+            "final epoch: - (not run under this rule yet). Tiny ImageNet-50, the same comparison (its table below; "
+            "best-val epoch, seed means of 2 and 1 seed(s)): -3.00.") in doc
+    assert "| `supervised_budget.yaml` | 0,1,2 |" in rows["supervised from scratch, 520 epochs (the wall time of phase 1 + phase 2)"]
     assert "(lambda chosen on val) minus supervised: **+2.50 points**" in doc   # (39 + 42)/2 - (37.5 + 38.5)/2
     assert "| 0,1 | **36.00 ± 0.00** (36.00, 36.00) | **38.00 ± 0.71** (37.50, 38.50) |" in doc
     assert "lambda 2.5e-5; chosen on val)" in doc and "lambda 1e-4)" in doc
@@ -341,3 +352,76 @@ def test_a_gone_model_is_remade_by_its_step_before_a_step_that_reads_it(repro):
     repro.kept(repro.record_path(reader)).unlink()      # the reader still to run, in a later stage
     repro.run_all([reader], None, earlier=[maker])      # an earlier stage's step is re-made too
     assert maker.output.is_dir() and repro.record_path(maker).is_file() and repro.succeeded(reader)
+
+
+def test_a_step_that_read_a_since_remade_input_is_stale_until_it_runs_again(repro):
+    """Re-making a teacher (or a student) makes the steps that read its earlier make stale: they are not
+    done (a run, with --only too, runs them again) and the command list marks them until then."""
+    teacher = Step("pretrain_t", ["pretrain", "D", "--name", "teacher_t"], repro.teacher_file("t"))
+    student = Step("s_s0", ["distill", "D", "--teacher", str(repro.teacher_file("t"))], repro.student_file("s_s0"))
+    evaluate = repro.evaluate("D", "s_s0_test", ["s_s0"], "test")
+    other = Step("o_s0", ["distill", "D"], repro.student_file("o_s0"))   # reads no teacher
+
+    def record(step, started):
+        put(repro.kept(repro.record_path(step)), {"name": step.name, "argv": ["raypipe", *step.argv], "rc": 0,
+                                                 "wall_s": 60.0, "started": started})
+
+    for step, started in ((teacher, "2026-11-30T10:00:00+00:00"), (student, "2026-11-30T11:00:00+00:00"),
+                          (evaluate, "2026-11-30T12:00:00+00:00"), (other, "2026-11-30T09:00:00+00:00")):
+        record(step, started)
+    put(repro.kept(evaluate.output), {"top1": 50.0})
+    steps = [teacher, other, student, evaluate]
+    assert all(repro.is_done(s, [], steps[:i]) for i, s in enumerate(steps) if s is not teacher)
+    record(teacher, "2026-12-06T07:33:55+00:00")   # the teacher is made again
+    assert repro.remade_inputs(student, steps[:2]) == [teacher]
+    assert not repro.is_done(student, [], steps[:2])
+    assert repro.is_done(other, [], steps[:1])            # did not read it
+    assert repro.is_done(evaluate, [], steps[:3])         # read the student, which has not been re-made yet
+    lines = repro.commands_block(steps)
+    assert [("STALE: made from an earlier pretrain_t" in line) for line in lines] == [False, False, True, False]
+    record(student, "2026-12-06T08:00:00+00:00")   # the student runs again: now its eval is stale
+    assert repro.is_done(student, [], steps[:2]) and not repro.is_done(evaluate, [], steps[:3])
+    assert "STALE: made from an earlier s_s0" in repro.commands_block(steps)[3]
+
+
+def test_teacher_choice_runs_both_recipes_with_two_seeds_and_picks_on_mean_linear_val(repro):
+    from raypipe.config import parse_args_with_overrides as parse_args
+    choice = teacher_study.TeacherChoice(runs=repro.runs, records=repro.records, results=repro.results)
+    study = teacher_study.TeacherStudy(runs=repro.runs, records=repro.records, results=repro.results)
+    steps = choice.steps("DATA")
+    assert len(steps) == 2 * len(teacher_study.CHOICE) * len(teacher_study.CHOICE_SEEDS)
+    by_name = {s.name: s for s in steps}
+    # seed 0 of each recipe is the very step the CIFAR runner / the study already has (not trained twice)
+    for shared in [*repro.pretrain("DATA", cifar10_50.MAIN_TEACHER),
+                   *[s for s in study.steps("DATA") if s.name.endswith("_study_e400")]]:
+        assert by_name[shared.name] == shared
+    cfgs = {}
+    for step in steps:
+        if step.argv[0] == "pretrain":
+            args = parse_args(build_parser(), step.argv)
+            cfgs[args.name] = _load(args).teacher
+    assert {n: (c.seed, c.epochs) for n, c in cfgs.items()} == {
+        "teacher_study_e400": (0, 400), "teacher_m0.4_k128_t0.1_e400": (0, 400),
+        "teacher_study_e400_seed1": (1, 400), "teacher_m0.4_k128_t0.1_e400_seed1": (1, 400)}
+    dump = {n: c.model_dump() if hasattr(c, "model_dump") else vars(c) for n, c in cfgs.items()}
+    assert dump["teacher_study_e400_seed1"] == {**dump["teacher_study_e400"], "seed": 1}   # one change: the seed
+    assert dump["teacher_m0.4_k128_t0.1_e400_seed1"] == {**dump["teacher_m0.4_k128_t0.1_e400"], "seed": 1}
+    assert dump["teacher_study_e400"] != dump["teacher_m0.4_k128_t0.1_e400"]
+
+    repro.results.write_text(f"# S\n\n{choice.BEGIN}\n{choice.END}\n")
+    assert choice.winner()[0] is None
+    for name, val in (("study_e400", 36.0), ("study_e400_seed1", 38.0), ("m0.4_k128_t0.1_e400", 39.0)):
+        put(repro.kept(repro.probe_file(name)), {"val_top1": val, "test_top1": val - 1, "probe_lr": 1.0,
+                                                 "probe_lr_at_edge": False,
+                                                 "probe_val_top1_by_lr": {"0.1": 30.0, "1.0": val, "10.0": 31.0}})
+    choice.write_block(choice.block())
+    assert "Not decided yet: probes missing for m0.4_k128_t0.1_e400_seed1" in repro.results.read_text()
+    put(repro.kept(repro.probe_file("m0.4_k128_t0.1_e400_seed1")), {"val_top1": 34.0, "test_top1": 33.0})
+    assert choice.winner() == ("t0.2_blur", {"t0.2_blur": [36.0, 38.0], "t0.1_noblur": [39.0, 34.0]})
+    choice.write_block(choice.block())
+    doc = repro.results.read_text()
+    assert "Chosen on mean linear val: **t0.2_blur** (t0.2_blur 37.00 vs t0.1_noblur 36.50)" in doc
+    assert "teacher.yaml holds t0.1_noblur: it must change" in doc
+    assert "| **t0.2_blur: mean ± sd** | | 2 |" in doc and "1.0 (0.1/1/10; inside)" in doc
+    put(repro.kept(repro.probe_file("m0.4_k128_t0.1_e400_seed1")), {"val_top1": 36.0})
+    assert choice.winner()[0] == "t0.1_noblur"

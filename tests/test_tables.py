@@ -2,6 +2,7 @@
 from experiments/records/, the benchmarks' figures from docs/bench/), on the committed tree and on copies
 where a record is gone or a number was edited by hand (no Ray, no training, no benchmark run)."""
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -64,16 +65,20 @@ def test_check_fails_on_a_removed_record_or_an_edited_number_and_writing_fixes_o
     before = states(tree)
     assert before == states(REPO)   # the copy holds everything the blocks are made from
     results, search = tree / "docs" / "results.md", tree / "docs" / "search.md"
-    # a number edited by hand inside a runner's table and inside a benchmark figure
-    edit(results, "| **39.97 ± 1.08** (38.72, 40.56, 40.62) |", "| **41.97 ± 1.08** (38.72, 40.56, 40.62) |")
+    # a number edited by hand inside a runner's table (its first seed mean) and inside a benchmark figure
+    block = results.read_text().split("<!-- results:begin")[1]
+    cell = re.search(r"\*\*(\d+\.\d\d) ± ", block)
+    mean = cell.group(1)
+    edited = f"{float(mean) + 2:.2f}"
+    edit(results, cell.group(0), cell.group(0).replace(mean, edited))
     edit(search, "| rho with the plateau | 0.10 [-0.31, 0.48]", "| rho with the plateau | 0.20 [-0.31, 0.48]")
     after = states(tree)
-    assert after["docs/results.md[results]"][0] == tables.STALE and "39.97" in after["docs/results.md[results]"][1]
+    assert after["docs/results.md[results]"][0] == tables.STALE and mean in after["docs/results.md[results]"][1]
     assert after["docs/search.md[figures:search_rho]"][0] == tables.STALE
     assert tables.main(["--check"], root=tree) == 1
     out = capsys.readouterr().out
     assert "STALE    docs/results.md [results]" in out and "STALE    docs/search.md [figures:search_rho]" in out
-    assert "41.97" in results.read_text()   # --check rewrites nothing
+    assert f"**{edited} ± " in results.read_text()   # --check rewrites nothing
     # writing restores both from their records, and leaves every other block as it was
     assert tables.main([], root=tree) == 0
     assert states(tree) == before
