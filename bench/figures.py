@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
-from typing import Callable
 
 TABLES = "python experiments/tables.py"
 
@@ -111,8 +111,8 @@ def trainer_overhead(fig, records) -> str:
                 f"**{ratio(r['steady_ratio'])}** (goal <= 1.10x: {goal})"],
                ["whole run incl. start-up", f"{r['plain_wall_s']:.1f} s", f"{r['train_wall_s']:.1f} s",
                 ratio(r["wall_ratio"])]]),
-        "", f"{r['images']} images x {r['epochs']} epochs; the TorchTrainer run's fixed cost (its whole run minus "
-            f"the in-process one): {r['train_wall_s'] - r['plain_wall_s']:.0f} s."])
+        "", (f"{r['images']} images x {r['epochs']} epochs; the TorchTrainer run's fixed cost (its whole run minus "
+             f"the in-process one): {r['train_wall_s'] - r['plain_wall_s']:.0f} s.")])
 
 
 # ---- section 3: stem stride ---------------------------------------------------------------------------------
@@ -123,6 +123,27 @@ def stem_stride(fig, records) -> str:
                    f"**{r['train_speedup']:.2f}x**"],
                   ["eval images/s", rate(r["stride1_eval_img_s"]), rate(r["stride2_eval_img_s"]),
                    f"**{r['eval_speedup']:.2f}x**"]])
+
+
+# ---- section 4: the job's runtime_env ------------------------------------------------------------------------
+RUNTIME_ENVS = {"none": "none", "env_vars": "`env_vars` only (what raypipe passes)",
+                "hook": "`env_vars` + `worker_process_setup_hook`"}
+
+
+def runtime_env_hook(fig, records) -> str:
+    r = records[0]["results"]
+    first, last = r["steady_from"], r["epochs"] - 1
+    epochs = r["variants"]["env_vars"]["epochs"]
+    rows = [[label, " / ".join(rate(x) for x in v["images_per_s"]), rate(v["steady_images_per_s"]),
+             f"**{ratio(r['ratio_to_env_vars'][key])}**" if key == "hook" else ratio(r["ratio_to_env_vars"][key]),
+             "-" if v["worker_pids"] is None else str(v["worker_pids"])]
+            for key, label in RUNTIME_ENVS.items() for v in [r["variants"][key]]]
+    return "\n".join([
+        table(["`ray.init(runtime_env=...)` of the job", f"images/s, epochs {epochs[0]}-{epochs[-1]}",
+               f"mean, epochs {first}-{last}", "vs `env_vars` only", "worker processes started"], rows), "",
+        (f"{r['images']} training images (two views each) per epoch. Each row is a run of its own: its own process "
+         "and local Ray cluster, raypipe's `ray.init` given the row's `runtime_env`; its worker processes are the "
+         "Python workers that cluster started (a PID each).")])
 
 
 # ---- section 5: views on the device ---------------------------------------------------------------------------
@@ -257,10 +278,10 @@ def search_replay(fig, records) -> str:
                 ""]
     missing = [path for path, rec in zip(fig.records, records) if not timed(rec)]
     if missing:
-        out += [f"**Wall time is not in {' and '.join(f'`{os.path.relpath(p, Path(fig.doc).parent)}`' for p in missing)}**: "
-                "they were made before `bench/search_replay.py` clocked its replays with each configuration's "
-                "measured epoch times (the table's `seconds`). Re-running the commands above adds it; until then "
-                "only trial-epochs are measured.", ""]
+        out += [(f"**Wall time is not in {' and '.join(f'`{os.path.relpath(p, Path(fig.doc).parent)}`' for p in missing)}**: "
+                 "they were made before `bench/search_replay.py` clocked its replays with each configuration's "
+                 "measured epoch times (the table's `seconds`). Re-running the commands above adds it; until then "
+                 "only trial-epochs are measured."), ""]
     return "\n".join(out)
 
 
@@ -312,34 +333,32 @@ def cluster_startup(fig, records) -> str:
               f"{w['to_first_epoch_line_s']:.1f}", f"{w['to_end_s']:.1f}"] for i, w in enumerate(r["warm"])]
     out = [table(["phase-1 job (1 epoch)", "to RUNNING (s)", "to its first line (s)", "to the first epoch line (s)",
                   "to its end (s)"], rows),
-           "", f"Warm: first epoch line after median {warm['median']:.1f} s ({warm['min']:.1f}-{warm['max']:.1f}, "
-               f"{len(warm['each'])} runs).", ""]
+           "", (f"Warm: first epoch line after median {warm['median']:.1f} s ({warm['min']:.1f}-{warm['max']:.1f}, "
+                f"{len(warm['each'])} runs)."), ""]
     if "scaling" in r:
         sc = r["scaling"]
         out += [table(["Train workers (each on its own GPU node)", "nodes", "images/s (epochs after the first)",
                        "job wall (s)"],
                       [[str(n), str(sc[str(n)]["nodes"]), rate(sc[str(n)]["images_per_s"]), f"{sc[str(n)]['wall_s']:.0f}"]
                        for n in (1, 2)]),
-                "", f"2 workers vs 1: **{sc['ratio_2_vs_1']:.2f}x** the images/s ({r['images']} images, {r['epochs']} "
-                    f"epochs)."]
+                "", (f"2 workers vs 1: **{sc['ratio_2_vs_1']:.2f}x** the images/s ({r['images']} images, {r['epochs']} "
+                     f"epochs).")]
     return "\n".join(out)
 
 
 BENCH = "docs/benchmarks.md"
 SEARCH = "docs/search.md"
-HAND = ("its rows were measured by hand on 2026-11-29, the job's `ray.init(runtime_env=...)` edited for each; "
-        "a benchmark would have to be written to record them")
 FIGURES = [
     Figure("data_path", BENCH, ("docs/bench/data_path.json", "docs/bench/data_path_demo5000.json"),
            ("python bench/data_path.py --workers 2 --epochs 3 --resolution 64",
-            "python bench/data_path.py --workers 2 --epochs 3 --resolution 64 --demo-per-class 500 "
-            "--out docs/bench/data_path_demo5000.json"), data_path),
+            ("python bench/data_path.py --workers 2 --epochs 3 --resolution 64 --demo-per-class 500 "
+             "--out docs/bench/data_path_demo5000.json")), data_path),
     Figure("trainer_overhead", BENCH, ("docs/bench/trainer_overhead.json",),
            ("python bench/trainer_overhead.py --epochs 4 --images-per-class 20",), trainer_overhead),
     Figure("stem_stride", BENCH, ("docs/bench/stem_stride.json",), ("python bench/stem_stride.py --steps 8",),
            stem_stride),
-    Figure("runtime_env_hook", BENCH, ("docs/bench/runtime_env_hook.json",), ("",), lambda fig, records: "",
-           note=HAND),
+    Figure("runtime_env_hook", BENCH, ("docs/bench/runtime_env_hook.json",), ("python bench/runtime_env_hook.py",),
+           runtime_env_hook),
     Figure("augment", BENCH, ("docs/bench/augment.json",),
            ("python bench/augment.py --sizes 32 64 224 --images 256 --repeats 3",), augment),
     Figure("phase1_views", BENCH, ("docs/bench/phase1_views.json",), ("python bench/phase1_views.py --epochs 4",),

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import figures
+from bench import runtime_env_hook as env_hook
 from bench.record import write_record
 from experiments import tables
 
@@ -124,7 +125,7 @@ def test_benchmark_records_become_their_blocks(tree, monkeypatch):
         "augment": ["augment", "--sizes", "32", "224"], "phase1_views": ["phase1_views", "--epochs", "4"],
         "gpu_phases": ["gpu_phases", "--seconds", "8"], "gpu_phases_tiny": ["gpu_phases", "--tiny"],
         "phase1_feed": ["phase1_feed", "--workers", "0", "1"], "phase1_feed_2nodes": ["phase1_feed", "--nodes", "2"],
-        "cluster_startup": ["cluster_startup"]}
+        "cluster_startup": ["cluster_startup"], "runtime_env_hook": ["runtime_env_hook", "--epochs", "6"]}
     job = {"to_running_s": 1.3, "to_first_line_s": 1.3, "to_first_epoch_line_s": 71.0, "to_end_s": 78.1, "lines": []}
     results = {
         "data_path": {"args": {}, "results": [{"set": "cifar10-50 train (500 x 32 px -> 64)", **row},
@@ -152,6 +153,16 @@ def test_benchmark_records_become_their_blocks(tree, monkeypatch):
                                         "ratio_2_vs_1": 1.18}},
         "phase1_feed_2nodes": {"nodes": 2, **{f"workers2_{f}": v for f, v in
                                               {"premade": feed["workers1_premade"], "cpu": feed["workers1_cpu"]}.items()}}}
+    # each variant's run as bench/runtime_env_hook.py's child process returns it, summed up as the script does
+    raypipe_env = {"env_vars": {"RAY_DEDUP_LOGS": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+    rates = {"none": [60.0, 80.0, 88.0, 85.0, 90.0, 93.0], "env_vars": [35.0, 41.0, 98.0, 96.0, 104.0, 101.0],
+             "hook": [12.0, 14.0, 15.0, 15.0, 16.0, 13.0]}
+    runs = {v: {"runtime_env": env_hook.describe(env_hook.variant_runtime_env(v, raypipe_env)), "epochs": list(range(6)),
+                "images_per_s": rates[v], "wall_s": 60.0, "worker_pids": {"none": 5, "env_vars": 6, "hook": 36}[v],
+                "images": 500} for v in env_hook.VARIANTS}
+    results["runtime_env_hook"] = env_hook.summarize(runs, 6)
+    assert results["runtime_env_hook"]["variants"]["hook"]["runtime_env"] == {
+        "env_vars": ["RAY_DEDUP_LOGS", "RAY_TRAIN_ENABLE_PRINT_PATCH"], "worker_process_setup_hook": "quiet_logging"}
     for name, argv in made.items():
         record(tree, monkeypatch, name, argv, results[name])
     # the replay with its wall time (what bench/search_replay.py now writes)
@@ -165,11 +176,17 @@ def test_benchmark_records_become_their_blocks(tree, monkeypatch):
     old_bench = bench_doc.read_text()
     assert tables.main([], root=tree) == 0
     found = {b.name: b for b in tables.blocks(tree)}
-    rendered = [f"figures:{f.key}" for f in figures.FIGURES if f.key != "runtime_env_hook"]
+    rendered = [f"figures:{f.key}" for f in figures.FIGURES]
     assert all(found[name].state == tables.OK for name in rendered), \
         "\n".join(found[n].line() for n in rendered if found[n].state != tables.OK)
-    assert found["figures:runtime_env_hook"].state == tables.MISSING   # no script writes its record
     text = bench_doc.read_text()
+    assert "python bench/runtime_env_hook.py --epochs 6\n" in text
+    assert "| `ray.init(runtime_env=...)` of the job | images/s, epochs 0-5 | mean, epochs 3-5 | vs `env_vars` only " \
+           "| worker processes started |" in text
+    assert "| none | 60.0 / 80.0 / 88.0 / 85.0 / 90.0 / 93.0 | 89.3 | 0.89x | 5 |" in text
+    assert "| `env_vars` only (what raypipe passes) | 35.0 / 41.0 / 98.0 / 96.0 / 104 / 101 | 100 | 1.00x | 6 |" in text
+    assert "| `env_vars` + `worker_process_setup_hook` | 12.0 / 14.0 / 15.0 / 15.0 / 16.0 / 13.0 | 14.7 | **0.15x** " \
+           "| 36 |" in text
     assert "python bench/trainer_overhead.py --epochs 4\n" in text and "| demo (5000 x 64 px) |" in text
     assert "| 1 (MoCo v2 + margin, two views) | premade on the GPU (the step alone) | 1,107 | 1.00 |" in text
     assert all("No record" not in tables.split_figure(text, f)[1] for f in figures.FIGURES if f"figures:{f.key}" in
@@ -185,6 +202,6 @@ def test_benchmark_records_become_their_blocks(tree, monkeypatch):
     assert "| **TPE + ASHA, the main job (grace 50 = half the epochs, the default)** | 550 | 0.34x | 0.92x | 20.2 min " \
            "| 0.92x |" in search
     assert "2 workers vs 1: **1.18x** the images/s (320 images, 4 epochs)" in bench_doc.read_text()
-    # still missing: the runtime_env block's record (no script) and the teacher study's step records
-    assert {n for n, b in found.items() if b.state != tables.OK} == {"figures:runtime_env_hook", "study"}
+    # still missing: the teacher study's step records
+    assert {n for n, b in found.items() if b.state != tables.OK} == {"study"}
     assert tables.main(["--check"], root=tree) == 1
