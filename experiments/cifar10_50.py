@@ -159,10 +159,17 @@ class Cifar10(Runner):
     # ---- the val decisions ------------------------------------------------------------------------
     def chain_recipe(self) -> str:
         """AutoAugment + label smoothing stay only if they beat the chosen distillation on val (seed 0)."""
-        tricks, plain = self.student_val("tricks_s0"), self.student_val(f"{self.chosen_distill()}_s0")
+        tricks, plain = self.tricks_val(), self.student_val(f"{self.chosen_distill()}_s0")
         if tricks is None:
-            raise NotDecided("the tricks decision needs tricks_s0")
+            raise NotDecided("the tricks decision needs tricks_s0 (on the chosen lambda)")
         return "tricks" if tricks > plain else self.chosen_distill()
+
+    def tricks_val(self) -> float | None:
+        """tricks_s0's val, if it ran on top of the lambda chosen now (a changed choice makes it run again)."""
+        step = self.student(self.DATA, "tricks", 0)[0]
+        rec = self.load(self.record_path(step))
+        same = rec is not None and rec["rc"] == 0 and rec["argv"][3:] == step.argv[2:]   # whatever the data folder
+        return self.student_val("tricks_s0") if same else None
 
     def ten_crop_helps(self, recipe: str) -> bool:
         crop10 = self.eval_top1(f"{recipe}_s0_10crop_val")
@@ -241,12 +248,12 @@ class Cifar10(Runner):
         chosen = decided(self.chosen_distill)
         if chosen is None:
             return []
-        plain, tricks = self.student_val(f"{chosen}_s0"), self.student_val("tricks_s0")
+        plain, tricks = self.student_val(f"{chosen}_s0"), self.tricks_val()
         kept = None if tricks is None else tricks > plain
         rows = [f"| phase 1 + phase 2 | {self.config_cell(chosen)} (seed 0) | {fmt(plain)} | "
                 f"{fmt(self.eval_top1(f'{chosen}_s0_test'))} | base | 47.2 |",
                 f"| + AutoAugment (CIFAR-10 policy) + label smoothing 0.1 | {self.config_cell('tricks')} (seed 0) | "
-                f"{fmt(tricks)} | {fmt(self.eval_top1('tricks_s0_test'))} | {kept_cell(kept)} | 64.2 -> 65.7 |"]
+                f"{fmt(tricks)} | {fmt(self.eval_top1('tricks_s0_test') if tricks is not None else None)} | {kept_cell(kept)} | 64.2 -> 65.7 |"]
         recipe = decided(self.chain_recipe)
         if recipe is None:
             return rows
@@ -345,8 +352,15 @@ class Cifar10(Runner):
                "| m | K | config | k-NN val (monitor, last epoch) | k-NN val (exported epoch) | k-NN test | "
                "k-NN test gain over random | linear val | linear test | before the fixes: k-NN / linear test | min |",
                "|---|---|---|---|---|---|---|---|---|---|---|", *self.margin_rows(), "",
-               "### Every command, in the order run", "", "```", *self.commands_block(steps), "```", "", self.END]
+               "### Every command, in the order run", "", "```", *self.commands_block(steps),
+               *self.unplanned(steps, self.study_steps()), "```", "", self.END]
         return "\n".join(out)
+
+    def study_steps(self) -> set[str]:
+        """The teacher study's steps: it shares this runner's records (experiments/teacher_study.py)."""
+        from experiments.teacher_study import TeacherChoice, TeacherStudy
+        return {s.name for cls in (TeacherStudy, TeacherChoice)
+                for s in cls(runs=self.runs, records=self.records).steps(self.DATA)}
 
     def write_table(self, steps: list[Step]) -> None:
         self.write_block(self.table(steps))

@@ -111,9 +111,19 @@ def commands(block: str) -> set[str]:
     return {line.split("   #")[0].strip() for line in block.splitlines() if line.startswith("raypipe ")}
 
 
+def step_names(block: str) -> set[str]:
+    """The step names of a generated block's command lines (``raypipe ...   # NAME: 3.0 min, exit 0``)."""
+    return {line.split("   # ", 1)[1].split(":", 1)[0] for line in block.splitlines()
+            if line.startswith("raypipe ") and "   # " in line}
+
+
 def dropped_commands(old: str, new: str) -> list[str]:
-    """The recorded commands of block ``old`` that block ``new`` lacks: their step records are missing."""
-    return sorted(commands(old) - commands(new))
+    """The recorded commands of block ``old`` that block ``new`` lacks, by command and by step: a step that
+    ran again with another command (its record replaced) is not dropped; one whose record is missing is."""
+    names = step_names(new)
+    return sorted({line.split("   #")[0].strip() for line in old.splitlines()
+                   if line.startswith("raypipe ") and line.split("   #")[0].strip() not in commands(new)
+                   and not ("   # " in line and line.split("   # ", 1)[1].split(":", 1)[0] in names)})
 
 
 def split_block(doc: str, begin: str, end: str) -> tuple[str, str, str] | None:
@@ -374,6 +384,16 @@ class Runner:
                 lines.append(f"{' '.join(rec['argv'])}   # {rec['name']}: {rec['wall_s'] / 60:.1f} min, "
                              f"exit {rec['rc']}{note}")
         return lines
+
+    def unplanned(self, steps: list[Step], exclude: set[str] = frozenset()) -> list[str]:
+        """Command lines of the recorded steps that ``steps`` (the plan) lacks, in the order they ran (a val
+        decision changed since they ran, so the plan no longer has them); ``exclude``: names of steps of
+        another runner sharing these records."""
+        planned = {s.name for s in steps} | set(exclude)
+        recs = [json.loads(p.read_text()) for p in sorted((self.records / "steps").glob("*.json"))]
+        recs = sorted((r for r in recs if r["name"] not in planned), key=lambda r: r.get("started", ""))
+        return [f"{' '.join(r['argv'])}   # {r['name']}: {r['wall_s'] / 60:.1f} min, exit {r['rc']}; not in the "
+                "current plan (a val decision changed since it ran)" for r in recs]
 
     def block(self, data: str | None = None) -> str:
         """The generated block (BEGIN ... END) that ``--table-only`` writes, from the kept records alone;

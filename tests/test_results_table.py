@@ -26,12 +26,15 @@ def put(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload))
 
 
-def fake_student(mod, run: str, val: float, test: float, wall: float = 60.0) -> None:
+def fake_student(mod, run: str, val: float, test: float, wall: float = 60.0, planned: bool = False) -> None:
+    """A student run's records; ``planned``: recorded with the command the runner plans for it now."""
     put(mod.records / run / "metrics.json", {"val_top1": val})
     put(mod.records / "eval" / f"{run}_test" / "report.json", {"top1": test, "views": "centre crop",
                                                                      "n_images": 10000})
-    for step in (run, f"eval_{run}_test"):
-        put(mod.records / "steps" / f"{step}.json", {"name": step, "argv": ["raypipe", step], "rc": 0,
+    recipe, seed = run.rsplit("_s", 1)
+    argv = mod.student("DATA", recipe, int(seed))[0].argv if planned else [run]
+    for step, command in ((run, argv), (f"eval_{run}_test", [f"eval_{run}_test"])):
+        put(mod.records / "steps" / f"{step}.json", {"name": step, "argv": ["raypipe", *command], "rc": 0,
                                                   "wall_s": wall, "machine": "test box"})
 
 
@@ -43,7 +46,9 @@ def test_every_step_is_a_valid_command_with_a_valid_config(repro):
     assert "student.export_final=true" in finetune.argv
     fake_student(repro, "distill_s0", 42.0, 43.0)
     fake_student(repro, "distill_l1e-4_s0", 44.0, 45.0)   # lambda 1e-4 wins on val
-    fake_student(repro, "tricks_s0", 40.0, 41.0)           # tricks lose on val
+    fake_student(repro, "tricks_s0", 40.0, 41.0)           # on another lambda (another command): not counted
+    assert repro.tricks_val() is None and [s.name for s in repro.known_steps("DATA")][-1] == "probe_m0_k480_e40"
+    fake_student(repro, "tricks_s0", 40.0, 41.0, planned=True)   # on the chosen lambda: tricks lose on val
     names = [s.name for s in repro.known_steps("DATA")]
     assert names[-1] == "eval_distill_l1e-4_s0_10crop_test"  # the ensemble waits for the 10-crop decision
     put(repro.records / "eval" / "distill_l1e-4_s0_10crop_val" / "report.json", {"top1": 45.0})  # 10-crop helps
@@ -94,7 +99,7 @@ def test_table_statistics_and_val_decisions(repro):
         put(repro.records / "eval" / f"supervised_s{seed}_final_test" / "report.json", {"top1": sup, "n_images": 10000})
         put(repro.records / "eval" / f"distill_s{seed}_final_test" / "report.json", {"top1": dis, "n_images": 10000})
     fake_student(repro, "distill_l1e-4_s0", 39.0, 50.0)  # loses on val: its test number must not matter
-    fake_student(repro, "tricks_s0", 45.0, 46.0)  # beats distill_s0 on val: kept
+    fake_student(repro, "tricks_s0", 45.0, 46.0, planned=True)  # beats distill_s0 on val: kept
     put(repro.records / "eval" / "tricks_s0_10crop_val" / "report.json", {"top1": 44.5})  # worse on val
     put(repro.records / "eval" / "ensemble_val" / "report.json", {"top1": 47.0, "views": "centre crop"})
     put(repro.records / "eval" / "ensemble_test" / "report.json", {"top1": 49.0, "n_images": 9999})
