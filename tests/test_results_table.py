@@ -430,3 +430,24 @@ def test_teacher_choice_runs_both_recipes_with_two_seeds_and_picks_on_mean_linea
     assert "| **t0.2_blur: mean ± sd** | | 2 |" in doc and "1.0 (0.1/1/10; inside)" in doc
     put(repro.kept(repro.probe_file("m0.4_k128_t0.1_e400_seed1")), {"val_top1": 36.0})
     assert choice.winner()[0] == "t0.1_noblur"
+
+
+def test_a_rerun_step_is_not_a_dropped_record_and_steps_out_of_the_plan_stay_listed(repro):
+    """A step run again with another command (its record replaced) does not block rewriting the table; a
+    recorded step a changed val decision took out of the plan stays in the command list, marked."""
+    from experiments.steps import dropped_commands
+    old = "```\nraypipe distill D --name s_s0   # s_s0: 1.0 min, exit 0\nraypipe distill D --name o_s1   # o_s1: 1.0 min, exit 0\n```"
+    rerun = "```\nraypipe distill D x=1 --name s_s0   # s_s0: 2.0 min, exit 0\nraypipe distill D --name o_s1   # o_s1: 1.0 min, exit 0\n```"
+    assert dropped_commands(old, rerun) == []
+    assert dropped_commands(old, "```\nraypipe distill D x=1 --name s_s0   # s_s0: 2.0 min, exit 0\n```") == \
+        ["raypipe distill D --name o_s1"]
+    planned = Step("s_s0", ["distill", "D", "x=1", "--name", "s_s0"], repro.student_file("s_s0"))
+    for name, argv, started in (("o_s1", ["distill", "D", "--name", "o_s1"], "2026-11-30T10:00:00+00:00"),
+                                ("s_s0", planned.argv, "2026-12-06T10:00:00+00:00"),
+                                ("x_s0", ["distill", "D", "--name", "x_s0"], "2026-11-30T09:00:00+00:00")):
+        put(repro.kept(repro.record_path(Step(name, argv, Path("-")))),
+            {"name": name, "argv": ["raypipe", *argv], "rc": 0, "wall_s": 60.0, "started": started})
+    lines = repro.unplanned([planned], exclude={"x_s0"})
+    assert lines == ["raypipe distill D --name o_s1   # o_s1: 1.0 min, exit 0; not in the current plan "
+                     "(a val decision changed since it ran)"]
+    assert dropped_commands(old, "\n".join(["```", *repro.commands_block([planned]), *lines, "```"])) == []
