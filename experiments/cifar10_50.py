@@ -29,6 +29,8 @@ if __package__ in (None, ""):  # `python experiments/cifar10_50.py`: import from
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.steps import (EPOCHS_NOTE, REPO, NotDecided, Runner, Step, decided, fmt, gain, seeds_cell,  # noqa: E402
                                kept_cell, runner_args)
+from experiments.teacher_study import TeacherChoice, TeacherStudy  # noqa: E402
+from experiments.tinyimagenet_50 import TinyImageNet  # noqa: E402
 
 SEEDS = (0, 1, 2)
 # teacher name -> config: the phase-2 teacher (m = 0.4, K = 128, t = 0.1, no blur, 400 epochs: the
@@ -232,8 +234,8 @@ class Cifar10(Runner):
         chosen = decided(self.chosen_distill)
         if chosen is None:
             return "Phase 1 + phase 2 minus supervised: - (the lambda is not chosen yet)."
-        from experiments.tinyimagenet_50 import TinyImageNet   # its records sit beside this runner's
-        tin = TinyImageNet(runs=self.runs.parent / TinyImageNet.NAME, records=self.records.parent / TinyImageNet.NAME)
+        tin = TinyImageNet(  # its records sit beside this runner's
+            runs=self.runs.parent / TinyImageNet.NAME, records=self.records.parent / TinyImageNet.NAME)
         tin_gap, n_distill, n_budget = tin.budget_gap()
         return (f"Phase 1 + phase 2 (`{RECIPES[chosen]}`, lambda chosen on val) minus supervised, test top-1, "
                 f"paired by seed (each seed's difference; mean ± sd): {self.paired(chosen, 'supervised')}. "
@@ -358,7 +360,6 @@ class Cifar10(Runner):
 
     def study_steps(self) -> set[str]:
         """The teacher study's steps: it shares this runner's records (experiments/teacher_study.py)."""
-        from experiments.teacher_study import TeacherChoice, TeacherStudy
         return {s.name for cls in (TeacherStudy, TeacherChoice)
                 for s in cls(runs=self.runs, records=self.records).steps(self.DATA)}
 
