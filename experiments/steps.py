@@ -106,24 +106,18 @@ def gain(probe: dict, random: dict, key: str) -> float | None:
     return probe[key] - random[key] if key in probe and key in random else None
 
 
-def commands(block: str) -> set[str]:
-    """The `raypipe ...` command lines of a generated block (without their ``   # ...`` notes)."""
-    return {line.split("   #")[0].strip() for line in block.splitlines() if line.startswith("raypipe ")}
-
-
-def step_names(block: str) -> set[str]:
-    """The step names of a generated block's command lines (``raypipe ...   # NAME: 3.0 min, exit 0``)."""
-    return {line.split("   # ", 1)[1].split(":", 1)[0] for line in block.splitlines()
-            if line.startswith("raypipe ") and "   # " in line}
+def command_lines(block: str) -> list[tuple[str, str | None]]:
+    """(command, step name or None) of a generated block's command lines (``raypipe ...   # NAME: 3.0 min, exit 0``)."""
+    return [(line.split("   #")[0].strip(), line.split("   # ", 1)[1].split(":", 1)[0] if "   # " in line else None)
+            for line in block.splitlines() if line.startswith("raypipe ")]
 
 
 def dropped_commands(old: str, new: str) -> list[str]:
     """The recorded commands of block ``old`` that block ``new`` lacks, by command and by step: a step that
     ran again with another command (its record replaced) is not dropped; one whose record is missing is."""
-    names = step_names(new)
-    return sorted({line.split("   #")[0].strip() for line in old.splitlines()
-                   if line.startswith("raypipe ") and line.split("   #")[0].strip() not in commands(new)
-                   and not ("   # " in line and line.split("   # ", 1)[1].split(":", 1)[0] in names)})
+    lines = command_lines(new)
+    commands, names = {c for c, _ in lines}, {n for _, n in lines if n}
+    return sorted({c for c, n in command_lines(old) if c not in commands and n not in names})
 
 
 def split_block(doc: str, begin: str, end: str) -> tuple[str, str, str] | None:

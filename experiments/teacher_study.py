@@ -168,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                        "run just these arms (e.g. study_e400), or `choice` for the teacher choice")
     study, choice = TeacherStudy(), TeacherChoice()
     if not args.table_only:
-        steps = study.steps(args.data) + [s for s in choice.steps(args.data)
-                                          if s.name not in {t.name for t in study.steps(args.data)}]
+        steps = study.steps(args.data)
+        names = {s.name for s in steps}
+        steps += [s for s in choice.steps(args.data) if s.name not in names]
         only = None
         if args.only:
             arms = [a for a in args.only if a != "choice"]
