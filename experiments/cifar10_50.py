@@ -148,16 +148,6 @@ class Cifar10(Runner):
         return [self.stage_rows, self.stage_seeds, self.stage_ten_crop, self.stage_ensemble, self.stage_followups,
                 self.stage_followup_seeds]
 
-    def known_steps(self, data: str) -> list[Step]:
-        """Every step whose decisions can be made from the runs so far."""
-        steps = []
-        for stage in self.stages():
-            try:
-                steps += stage(data)
-            except NotDecided:
-                break
-        return steps
-
     # ---- the val decisions ------------------------------------------------------------------------
     def chain_recipe(self) -> str:
         """AutoAugment + label smoothing stay only if they beat the chosen distillation on val (seed 0)."""
@@ -374,15 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     args = runner_args(argv, __doc__, Cifar10.RESULTS, "run just these steps (names as in runs/cifar10_50/steps)")
     runner = Cifar10()
     if not args.table_only:
-        only, earlier = (set(args.only) if args.only else None), []
-        for stage in runner.stages():
-            try:
-                steps = stage(args.data)
-            except NotDecided as exc:  # only with --only: a later stage waits for its runs
-                print(f"stopping before {stage.__name__}: {exc}", flush=True)
-                break
-            runner.run_all(steps, only, earlier)
-            earlier += steps
+        runner.run_stages(args.data, set(args.only) if args.only else None)
     runner.write_block(runner.block(args.data))
     return 0
 

@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 # the small files of runs that records keeps (globs, relative to runs)
@@ -292,6 +292,36 @@ class Runner:
             raise SystemExit(f"[{step.name}] failed with exit code {rc}; see {log}")
         self.attempt_path(step).unlink()
         print(f"[{step.name}] done in {rec['wall_s'] / 60:.1f} min", flush=True)
+
+    # ---- stages: steps in order, a stage planned once the val decisions it needs are made ----------
+    def stages(self) -> list:
+        """The runner's stages in order, each a function of the data folder giving its steps, raising
+        NotDecided while a val decision it needs waits for runs (none here: one-stage runners plan alone)."""
+        return []
+
+    def planned(self, data: str) -> Iterator[tuple[str, list[Step] | NotDecided]]:
+        """Each stage's steps, or why it waits; a waiting stage does not hold up the stages after it (they
+        raise NotDecided themselves if they need its decision). Lazy: a stage is planned after the
+        caller has run the stages before it."""
+        for stage in self.stages():
+            try:
+                yield stage.__name__, stage(data)
+            except NotDecided as exc:
+                yield stage.__name__, exc
+
+    def known_steps(self, data: str) -> list[Step]:
+        """Every step whose decisions can be made from the runs so far."""
+        return [step for _, steps in self.planned(data) if not isinstance(steps, NotDecided) for step in steps]
+
+    def run_stages(self, data: str, only: set[str] | None) -> None:
+        """Run every stage's steps not done yet (of ``only``, if given), stage by stage."""
+        earlier: list[Step] = []
+        for name, steps in self.planned(data):
+            if isinstance(steps, NotDecided):   # only with --only: the runs it waits for were not asked for
+                print(f"skipping {name}: {steps}", flush=True)
+                continue
+            self.run_all(steps, only, earlier)
+            earlier += steps
 
     def run_all(self, steps: list[Step], only: set[str] | None, earlier: list[Step] = ()) -> None:
         """Run the steps not done yet (of ``only``, if given); ``earlier``: steps before these (earlier

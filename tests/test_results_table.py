@@ -41,16 +41,21 @@ def fake_student(mod, run: str, val: float, test: float, wall: float = 60.0, pla
 def test_every_step_is_a_valid_command_with_a_valid_config(repro):
     names = [s.name for s in repro.known_steps("DATA")]
     assert names[:2] == ["probe_random", f"pretrain_{cifar10_50.MAIN_TEACHER}"]   # the baseline of every teacher's gain
-    assert names[-3:] == ["finetune_s0", "eval_finetune_s0_test", "eval_finetune_s0_final_test"]   # both export rules
+    at = names.index("finetune_s0")
+    assert names[at:at + 3] == ["finetune_s0", "eval_finetune_s0_test", "eval_finetune_s0_final_test"]   # both rules
+    assert "tricks_s0" not in names   # its stage waits for the lambda decision
     finetune = [s for s in repro.known_steps("DATA") if s.name == "finetune_s0"][0]
     assert "student.export_final=true" in finetune.argv
     fake_student(repro, "distill_s0", 42.0, 43.0)
     fake_student(repro, "distill_l1e-4_s0", 44.0, 45.0)   # lambda 1e-4 wins on val
     fake_student(repro, "tricks_s0", 40.0, 41.0)           # on another lambda (another command): not counted
-    assert repro.tricks_val() is None and [s.name for s in repro.known_steps("DATA")][-1] == "probe_m0_k480_e40"
+    names = [s.name for s in repro.known_steps("DATA")]
+    # the 10-crop stage waits for the tricks decision; the stages after it that do not need it are planned
+    assert repro.tricks_val() is None and not any("10crop" in n for n in names)
+    assert "probe_m0_k480_e40" in names and "supervised_budget_s0" in names
     fake_student(repro, "tricks_s0", 40.0, 41.0, planned=True)   # on the chosen lambda: tricks lose on val
     names = [s.name for s in repro.known_steps("DATA")]
-    assert names[-1] == "eval_distill_l1e-4_s0_10crop_test"  # the ensemble waits for the 10-crop decision
+    assert "eval_distill_l1e-4_s0_10crop_test" in names and not any(n.startswith("eval_ensemble") for n in names)
     put(repro.records / "eval" / "distill_l1e-4_s0_10crop_val" / "report.json", {"top1": 45.0})  # 10-crop helps
     steps = repro.known_steps("DATA")
     names = [s.name for s in steps]
@@ -87,6 +92,16 @@ def test_every_step_is_a_valid_command_with_a_valid_config(repro):
     assert repro.is_done(ensemble)
     put(repro.kept(repro.record_path(ensemble)), {"rc": 0, "argv": ["raypipe", *ensemble.argv[:-1]]})
     assert not repro.is_done(ensemble)
+
+
+def test_a_stage_waiting_for_a_decision_does_not_hold_up_the_steps_asked_for_after_it(repro, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(repro, "run_step", lambda step: ran.append(step.name))
+    # nothing recorded: the lambda decision waits, so do the stages that need it; the budget rows do not
+    repro.run_stages("DATA", {"supervised_budget_s1", "eval_supervised_budget_s1_final_test", "tricks_s0"})
+    assert ran == ["supervised_budget_s1", "eval_supervised_budget_s1_final_test"]
+    out = capsys.readouterr().out
+    assert "skipping stage_seeds: the lambda decision needs" in out and "skipping stage_ensemble" in out
 
 
 def test_table_statistics_and_val_decisions(repro):
