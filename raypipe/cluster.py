@@ -35,7 +35,13 @@ def cluster_resources() -> dict:
 # starts 32 footer-reading actors per read, each holding a whole CPU while it is scheduled: on an
 # autoscaling cluster every trial's decode asked for 32 CPUs and launched (GPU) nodes to read the
 # footers of a few files (tests/test_autoscaler.py). raypipe's data sets are a few Parquet files a split.
-DATA_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2"}
+# Ray Data's own cluster autoscaler asks the autoscaler (request_resources) for up to twice the CPUs its
+# work runs on now; on the fake cluster of tests/test_autoscaler.py it asked for 30 CPUs while a trial
+# decoded its split and so launched two gpu_1x and a gpu_4x node. raypipe's data tasks run on the nodes
+# training brings up: Ray Data may use the cluster as it is, never grow it.
+DATA_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2",
+            "RAY_DATA_DEFAULT_CLUSTER_SCALING_UP_MAX_CPU_RESOURCE_DELTA": "0",
+            "RAY_DATA_DEFAULT_CLUSTER_SCALING_UP_MAX_GPU_RESOURCE_DELTA": "0"}
 
 CLUSTER_CONFIG_ENV = "RAYPIPE_CLUSTER_CONFIG"
 DRIVER_RESOURCE = "raypipe_driver"   # the custom resource of the node type that hosts trial drivers (the head)

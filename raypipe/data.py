@@ -254,7 +254,7 @@ def decode_split(index: SplitIndex, cfg: DataConfig) -> DecodedSplit:
         # every task of the pipeline asks for data.cpus_per_task, the read tasks too (Ray's default is
         # a whole CPU each: on an autoscaling cluster that demand alone launches nodes)
         ds = ray.data.read_parquet(index.parquet_files, num_cpus=cfg.cpus_per_task).select_columns(
-            ["image", "path"]).map_batches(
+            ["image", "path"], num_cpus=cfg.cpus_per_task).map_batches(
             attach, batch_format="numpy", num_cpus=cfg.cpus_per_task)
     else:
         rows = [{"path": p, "label": y, "idx": i} for i, (p, y) in enumerate(zip(index.paths, index.labels))]
@@ -263,12 +263,13 @@ def decode_split(index: SplitIndex, cfg: DataConfig) -> DecodedSplit:
                              batch_size=cfg.aug_batch_size, num_cpus=cfg.cpus_per_task).materialize()
     from ray.data.expressions import col
 
-    bad = decoded.filter(expr=col("error") != "").select_columns(["path", "error"]).take_all()
+    cpus = {"num_cpus": cfg.cpus_per_task}   # Ray's default for these operators is a whole CPU a task
+    bad = decoded.filter(expr=col("error") != "", **cpus).select_columns(["path", "error"], **cpus).take_all()
     skipped = [{"path": str(r["path"]), "error": str(r["error"])} for r in bad]
     if skipped and cfg.strict:
         raise DataError(f"{len(skipped)} unreadable image(s) in split {index.split!r} (data.strict=true), "
                         f"first: {skipped[0]['path']}: {skipped[0]['error']}")
-    good = decoded.filter(expr=col("error") == "").drop_columns(["error"])
+    good = decoded.filter(expr=col("error") == "", **cpus).drop_columns(["error"], **cpus)
     good = good.repartition(blocks).materialize()
     count = good.count()
     if count == 0:
@@ -287,7 +288,7 @@ def with_views(decoded: DecodedSplit, recipes: list, cfg: DataConfig, on_device:
     are (``img``), for the training device to make the views (``transforms.BatchViews``)."""
     ds = decoded.dataset.randomize_block_order()
     if on_device:
-        return ds.select_columns(["img", "label", "idx"])
+        return ds.select_columns(["img", "label", "idx"], num_cpus=cfg.cpus_per_task)
     return ds.map_batches(make_views, fn_kwargs={"recipes": list(recipes)}, batch_format="numpy",
                           batch_size=cfg.aug_batch_size, num_cpus=cfg.cpus_per_task)
 

@@ -11,8 +11,10 @@ through the Jobs API (``ray job submit`` / ``JobSubmissionClient``) to the head'
 """
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -119,6 +121,8 @@ class FakeCluster:
         if done.returncode != 0:
             raise RuntimeError(f"ray start failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
         self.wait_for_dashboard(timeout)
+        from ray._common.utils import get_default_ray_temp_dir
+        self.session_dir = Path(get_default_ray_temp_dir(), "session_latest").resolve()   # this head's session
         return self
 
     def wait_for_dashboard(self, timeout: float) -> None:
@@ -155,6 +159,11 @@ class FakeCluster:
         return {n["node_id"] for n in self.state("nodes") if n["resources_total"].get("GPU", 0) > 0
                 and (n["state"] == "ALIVE" or not alive_only)}
 
+    def autoscaler_status(self) -> list[dict]:
+        """The autoscaler's status at each of its updates so far, from its own log (the head's
+        ``monitor.log``): see :func:`parse_autoscaler_status`."""
+        return parse_autoscaler_status((self.session_dir / "logs" / "monitor.log").read_text(errors="replace"))
+
     def head_node(self) -> str:
         (head,) = [n["node_id"] for n in self.state("nodes") if n["is_head_node"]]
         return head
@@ -167,3 +176,33 @@ class FakeCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+_BUNDLE = re.compile(r"^\s*(\{.*?\})(?: \* (\d+) \(\w+\))?: (\d+)\+? (from request_resources|pending)")
+_CPU_TOTAL = re.compile(r"^\s*[\d.e-]+/([\d.]+) CPU\b")
+
+
+def parse_autoscaler_status(log: str) -> list[dict]:
+    """Each status report in an autoscaler log (Ray 2.60's v1 autoscaler, as ``ray status`` prints
+    it) as ``{"cpus": the cluster's CPUs, "requested": [(bundle, count)] from request_resources(),
+    "pending": [(bundle, count)] of pending tasks, actors and placement groups}``. A placement
+    group's line ``{...} * n (PACK): 1+ pending placement groups`` counts n bundles."""
+    reports, section = [], None
+    for line in log.splitlines():
+        if "Autoscaler status:" in line:
+            reports.append({"cpus": 0.0, "requested": [], "pending": []})
+            section = None
+        elif not reports:
+            continue
+        elif line.startswith("From request_resources:"):
+            section = "requested"
+        elif line.startswith("Pending Demands:"):
+            section = "pending"
+        elif (m := _CPU_TOTAL.match(line)) and section is None:
+            reports[-1]["cpus"] = float(m.group(1))
+        elif section and (m := _BUNDLE.match(line)):
+            bundle = ast.literal_eval(m.group(1))
+            reports[-1][section].append((bundle, int(m.group(2) or m.group(3))))
+        elif not line.startswith(" "):
+            section = None
+    return reports
