@@ -33,20 +33,23 @@ def scaled_cpus(n: float, scale: float) -> int:
     return max(1, round(n * scale))
 
 
-def derive(launcher: dict, cpu_scale: float = 0.125, idle_timeout_minutes: float = 0.2) -> dict:
-    """The fake provider's autoscaling config for ``launcher`` (a cluster.yaml as a dict)."""
+def derive(launcher: dict, cpu_scale: float = 0.125, idle_timeout_minutes: float = 0.2,
+           head_cpu_scale: float | None = None) -> dict:
+    """The fake provider's autoscaling config for ``launcher`` (a cluster.yaml as a dict); the head's
+    CPUs scaled by ``head_cpu_scale`` (default: ``cpu_scale``), the worker types' by ``cpu_scale``."""
     types = launcher.get("available_node_types") or {}
     head_name = launcher.get("head_node_type")
     if head_name not in types:
         raise ValueError(f"head_node_type {head_name!r} is not one of available_node_types {sorted(types)}")
 
-    def resources(t: dict) -> dict:
+    def resources(t: dict, scale: float = cpu_scale) -> dict:
         r = dict(t.get("resources") or {})
         if "CPU" in r:
-            r["CPU"] = scaled_cpus(r["CPU"], cpu_scale)
+            r["CPU"] = scaled_cpus(r["CPU"], scale)
         return r
 
-    nodes = {HEAD_TYPE: {"resources": resources(types[head_name]), "node_config": {}, "max_workers": 0}}
+    head = resources(types[head_name], cpu_scale if head_cpu_scale is None else head_cpu_scale)
+    nodes = {HEAD_TYPE: {"resources": head, "node_config": {}, "max_workers": 0}}
     for name, t in types.items():
         if name != head_name:
             nodes[name] = {"resources": resources(t), "node_config": {},

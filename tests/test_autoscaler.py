@@ -16,10 +16,11 @@ from raypipe.cluster import CLUSTER_CONFIG_ENV, DRIVER_RESOURCE
 from raypipe.fakecluster import HEAD_TYPE, FakeCluster, derive, parse_autoscaler_status
 
 REPO = Path(__file__).resolve().parents[1]
-# cluster.yaml's 8-CPU nodes as 2-CPU raylets on this 2-core machine (not 1: Ray Data's file listing
-# and Parquet footer reading ask a whole CPU each, which a 1-CPU head with the drivers' share taken
-# cannot hold, so the autoscaler would launch GPU nodes to list files)
-CPU_SCALE = 0.25
+# cluster.yaml's 8-CPU nodes as 2-CPU raylets on this 2-core machine (CPUs are logical). The head gets
+# 4: Ray Data's file listing and Parquet sampling ask for a whole CPU a task (not settable in Ray 2.60),
+# and with two trials decoding at once a 2-CPU head left one pending: the autoscaler launched a GPU
+# node for it.
+CPU_SCALE, HEAD_CPU_SCALE = 0.25, 0.5
 
 
 def launcher() -> dict:
@@ -51,6 +52,8 @@ def test_the_fake_cluster_is_derived_from_cluster_yaml_not_copied():
     changed = derive(source)["available_node_types"]
     assert changed["gpu_1x"]["resources"]["GPU"] == 2 and changed["gpu_1x"]["max_workers"] == 3
     assert changed["gpu_8x"]["resources"] == {"CPU": 12, "GPU": 8}
+    scaled_head = derive(source, cpu_scale=0.25, head_cpu_scale=0.5)["available_node_types"]
+    assert scaled_head[HEAD_TYPE]["resources"]["CPU"] == 4 and scaled_head["gpu_1x"]["resources"]["CPU"] == 2
     source["head_node_type"] = "nope"
     with pytest.raises(ValueError, match="head_node_type 'nope'"):
         derive(source)
@@ -108,7 +111,7 @@ def fake_cluster(tmp_path_factory, s3_server):
     import ray
     ray.shutdown()   # never two Ray clusters on one host: stop the session's local one, if any
     folder = tmp_path_factory.mktemp("fake_cluster")
-    cluster = FakeCluster(derive(launcher(), cpu_scale=CPU_SCALE), folder,
+    cluster = FakeCluster(derive(launcher(), cpu_scale=CPU_SCALE, head_cpu_scale=HEAD_CPU_SCALE), folder,
                           env={"RAYPIPE_AUTOSCALING": "1", CLUSTER_CONFIG_ENV: str(folder / "autoscaler.yaml"),
                                "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"})
     with cluster:
