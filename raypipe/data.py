@@ -241,6 +241,9 @@ def decode_split(index: SplitIndex, cfg: DataConfig) -> DecodedSplit:
 
     size, n = cfg.stored_size(), len(index)
     blocks = max(1, min(64, n // 32))
+    # every task of the pipeline asks for data.cpus_per_task (Ray's default is a whole CPU a task: on an
+    # autoscaling cluster that demand alone launches nodes)
+    cpus = {"num_cpus": cfg.cpus_per_task}
     if index.parquet_files:
         wanted = {p: i for i, p in enumerate(index.paths)}
         labels = index.labels
@@ -251,19 +254,15 @@ def decode_split(index: SplitIndex, cfg: DataConfig) -> DecodedSplit:
             return {"image": [batch["image"][j] for j in keep], "path": [batch["path"][j] for j in keep],
                     "label": [labels[i] for i in pos], "idx": pos}
 
-        # every task of the pipeline asks for data.cpus_per_task, the read tasks too (Ray's default is
-        # a whole CPU each: on an autoscaling cluster that demand alone launches nodes)
-        ds = ray.data.read_parquet(index.parquet_files, num_cpus=cfg.cpus_per_task).select_columns(
-            ["image", "path"], num_cpus=cfg.cpus_per_task).map_batches(
-            attach, batch_format="numpy", num_cpus=cfg.cpus_per_task)
+        ds = ray.data.read_parquet(index.parquet_files, **cpus).select_columns(["image", "path"], **cpus).map_batches(
+            attach, batch_format="numpy", **cpus)
     else:
         rows = [{"path": p, "label": y, "idx": i} for i, (p, y) in enumerate(zip(index.paths, index.labels))]
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
     decoded = ds.map_batches(_decode_batch, fn_kwargs={"size": size}, batch_format="numpy",
-                             batch_size=cfg.aug_batch_size, num_cpus=cfg.cpus_per_task).materialize()
+                             batch_size=cfg.aug_batch_size, **cpus).materialize()
     from ray.data.expressions import col
 
-    cpus = {"num_cpus": cfg.cpus_per_task}   # Ray's default for these operators is a whole CPU a task
     bad = decoded.filter(expr=col("error") != "", **cpus).select_columns(["path", "error"], **cpus).take_all()
     skipped = [{"path": str(r["path"]), "error": str(r["error"])} for r in bad]
     if skipped and cfg.strict:
