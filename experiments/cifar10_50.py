@@ -68,12 +68,6 @@ class Cifar10(Runner):
     DISTILL_CANDIDATES: ClassVar[tuple[str, ...]] = DISTILL_CANDIDATES
 
     # ---- the steps --------------------------------------------------------------------------------
-    def random_probe(self, data: str) -> Step:
-        """k-NN and linear probe of random weights: the baseline of every teacher's gain."""
-        probe = self.probe_file("random")
-        return Step("probe_random", ["linear-probe", data, "--random-init", "--split", "val", "test", "--out",
-                                     str(probe), "--config", f"{self.configs}/base.yaml"], probe)
-
     def pretrain(self, data: str, name: str) -> list[Step]:
         return self.pretrain_steps(data, name, f"{self.configs}/{TEACHERS[name]}")
 

@@ -198,6 +198,12 @@ class Runner:
                 Step(f"probe_{name}", ["linear-probe", data, "--teacher", str(teacher), "--split", "val", "test",
                                        "--out", str(probe), "--config", config], probe)]
 
+    def random_probe(self, data: str) -> Step:
+        """k-NN and linear probe of random weights (base.yaml's backbone): the baseline of every teacher's gain."""
+        probe = self.probe_file("random")
+        return Step("probe_random", ["linear-probe", data, "--random-init", "--split", "val", "test", "--out",
+                                     str(probe), "--config", f"{self.configs}/base.yaml"], probe)
+
     def evaluate(self, data: str, name: str, runs: list[str], split: str, ten_crop: bool = False,
                  final: bool = False) -> Step:
         out = self.runs / "eval" / name

@@ -40,7 +40,9 @@ ARMS = {
     "study_e100_crop0.4": ["teacher.crop_min_scale=0.4"],
     "study_e100_b64": ["teacher.batch_size=64"],
 }
-RANDOM = "study_random"
+# arms whose recipe a step of the CIFAR-10 runner makes already (the same command): arm -> (that step's
+# teacher name, its config); the study reads that step's records instead of training the recipe twice
+SAME_AS = {"study_e400_t0.1_noblur": ("m0.4_k128_t0.1_e400", "teacher.yaml")}
 # the teacher choice: recipe -> (its teacher name at seed 0, config, overrides); seed s > 0 adds
 # teacher.seed=s and _seed<s> to the name. Seed 0 of each is a step of the study / the CIFAR runner.
 CHOICE = {"t0.2_blur": ("study_e400", "base.yaml", ARMS["study_e400"]),
@@ -57,12 +59,10 @@ class TeacherStudy(Runner):
     TITLE: ClassVar[str] = "Teacher study"
 
     def steps(self, data: str) -> list[Step]:
-        config = f"{self.configs}/base.yaml"
-        out = [Step(f"probe_{RANDOM}", ["linear-probe", data, "--random-init", "--split", "val", "test",
-                                        "--out", str(self.probe_file(RANDOM)), "--config", config],
-                    self.probe_file(RANDOM))]
+        out = [self.random_probe(data)]
         for arm, overrides in ARMS.items():
-            out += self.pretrain_steps(data, arm, config, overrides)
+            name, config = SAME_AS.get(arm, (arm, "base.yaml"))
+            out += self.pretrain_steps(data, name, f"{self.configs}/{config}", [] if arm in SAME_AS else overrides)
         return out
 
     @staticmethod
@@ -79,18 +79,20 @@ class TeacherStudy(Runner):
         return out
 
     def table(self, data: str | None = None) -> str:
-        random = self.load(self.probe_file(RANDOM)) or {}
+        random = self.load(self.probe_file("random")) or {}
         rows = [f"| random weights | - | - | {fmt(random.get('val_knn_top1'))} | - | "
                 f"{fmt(random.get('test_knn_top1'))} | - | {fmt(random.get('val_top1'))} | "
                 f"{fmt(random.get('test_top1'))} | {random.get('probe_lr', '-')} | - |"]
         for arm, overrides in ARMS.items():
-            probe = self.load(self.probe_file(arm)) or {}
+            name = SAME_AS.get(arm, (arm,))[0]
+            probe = self.load(self.probe_file(name)) or {}
             gains = {s: gain(probe, random, f"{s}_knn_top1") for s in ("val", "test")}
-            rows.append(f"| `{arm}` | {' '.join(overrides) or '(base.yaml)'} | {self.knn_curve(arm)} | "
+            same = f" (= `{SAME_AS[arm][1]}`, step `pretrain_{name}`)" if arm in SAME_AS else ""
+            rows.append(f"| `{arm}` | {' '.join(overrides) or '(base.yaml)'}{same} | {self.knn_curve(name)} | "
                         f"{fmt(probe.get('val_knn_top1'))} | {fmt(gains['val'])} | {fmt(probe.get('test_knn_top1'))} | "
                         f"{fmt(gains['test'])} | {fmt(probe.get('val_top1'))} | {fmt(probe.get('test_top1'))} | "
                         f"{probe.get('probe_lr', '-')} | "
-                        f"{fmt(self.wall_min(f'pretrain_{arm}', f'probe_{arm}'), '.1f')} |")
+                        f"{fmt(self.wall_min(f'pretrain_{name}', f'probe_{name}'), '.1f')} |")
         return "\n".join([
             self.BEGIN, "",
             "| arm | overrides of base.yaml | k-NN val by epoch (monitor) | k-NN val | gain over random | "

@@ -9,6 +9,7 @@ import pytest
 from experiments import cifar10_50, teacher_study, tinyimagenet_50
 from experiments.steps import Step
 from raypipe.cli import _load, build_parser
+from raypipe.config import load_config
 from raypipe.models import arch_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,11 +191,18 @@ def test_teacher_study_steps_are_valid_commands_and_its_table_reads_the_probes(r
             epochs[args.name] = cfg.teacher.epochs
         else:  # every probe picks its lr on val and reports test
             assert args.split == ["val", "test"] and (args.random_init or args.teacher)
-    expected = {f"teacher_{arm}": next((int(o.split("=")[1]) for o in overrides if o.startswith("teacher.epochs=")), 100)
+    name = {arm: teacher_study.SAME_AS.get(arm, (arm,))[0] for arm in teacher_study.ARMS}
+    expected = {f"teacher_{name[arm]}": next((int(o.split("=")[1]) for o in overrides if o.startswith("teacher.epochs=")),
+                                             100)
                 for arm, overrides in teacher_study.ARMS.items()}   # base.yaml's 100 unless an arm overrides it
     assert epochs == expected and expected["teacher_study_e400"] == 400
-    put(repro.kept(repro.probe_file(teacher_study.RANDOM)), {"val_knn_top1": 21.0, "test_knn_top1": 20.0,
-                                                             "val_top1": 20.0, "test_top1": 19.0, "probe_lr": 1.0})
+    # an arm read from the CIFAR-10 runner's step is that step's recipe: base.yaml + the arm's overrides
+    for arm, (_, config) in teacher_study.SAME_AS.items():
+        configs = REPO / "experiments/configs/cifar10_50"
+        theirs, mine = load_config(configs / config), load_config(configs / "base.yaml", teacher_study.ARMS[arm])
+        assert theirs.to_dict() == mine.to_dict()
+    put(repro.kept(repro.probe_file("random")), {"val_knn_top1": 21.0, "test_knn_top1": 20.0,
+                                                 "val_top1": 20.0, "test_top1": 19.0, "probe_lr": 1.0})
     put(repro.kept(repro.probe_file("study_e400")), {"val_knn_top1": 40.5, "test_knn_top1": 39.0, "val_top1": 41.0,
                                          "test_top1": 40.0, "probe_lr": 10.0})
     study.write_table()
