@@ -31,16 +31,13 @@ def cluster_resources() -> dict:
     return capacity or ray.cluster_resources()
 
 
-# Ray Data settings for the job's processes (a user's own environment wins). Ray 2.60's read_parquet
-# starts 32 footer-reading actors per read, each holding a whole CPU while it is scheduled: on an
-# autoscaling cluster every trial's decode asked for 32 CPUs and launched (GPU) nodes to read the
-# footers of a few files (tests/test_autoscaler.py). raypipe's data sets are a few Parquet files a split.
-# Ray Data's own cluster autoscaler asks the autoscaler (request_resources) for up to twice the CPUs its
-# work runs on now; on the fake cluster of tests/test_autoscaler.py it asked for 30 CPUs while a trial
-# decoded its split and so launched two gpu_1x and a gpu_4x node. raypipe's data tasks run on the nodes
-# training brings up: Ray Data may use the cluster as it is, never grow it.
-DATA_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2",
-            "RAY_DATA_DEFAULT_CLUSTER_SCALING_UP_MAX_CPU_RESOURCE_DELTA": "0",
+# Ray Data settings for the job's processes (a user's own environment wins). Ray Data's own cluster
+# autoscaler asks the autoscaler (request_resources) for up to twice the CPUs its work runs on now; on
+# the fake cluster of tests/test_autoscaler.py it asked for 30 CPUs while a trial decoded its split and
+# so launched two gpu_1x and a gpu_4x node. raypipe's data tasks run on the nodes training brings up:
+# Ray Data may use the cluster as it is, never grow it. (Parquet splits are read by raypipe's own
+# tasks, data.decode_split: read_parquet's footer actors and sampling tasks take a whole CPU each.)
+DATA_ENV = {"RAY_DATA_DEFAULT_CLUSTER_SCALING_UP_MAX_CPU_RESOURCE_DELTA": "0",
             "RAY_DATA_DEFAULT_CLUSTER_SCALING_UP_MAX_GPU_RESOURCE_DELTA": "0"}
 
 CLUSTER_CONFIG_ENV = "RAYPIPE_CLUSTER_CONFIG"

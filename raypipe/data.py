@@ -4,7 +4,8 @@ Layouts read:
   * ImageFolder: ``root/<split>/<class>/<image>``
   * VIPriors:    ``train/`` and ``val/`` as above, ``test/imgs/<id>.jpg`` unlabelled
   * Parquet:     ``root/<split>.parquet`` or ``root/<split>/*.parquet`` with columns
-                 ``image`` (encoded bytes), ``label`` (class name), ``path`` (an id)
+                 ``image`` (encoded bytes), ``label`` (class name), ``path`` (an id), read by
+                 raypipe's own tasks a run of row groups each
 Class index = position in the sorted class names (torchvision ImageFolder / VIPriors CSV).
 
 Images are decoded, converted to RGB and resized to a square ``stored_size`` once, then
@@ -33,6 +34,7 @@ from .transforms import eval_ten_crop, eval_view, make_views
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey image
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif"}
 UNLABELLED = -1
+PARQUET_ROW_GROUP = 256   # rows per row group that folder_to_parquet writes: the smallest unit a read task takes
 
 # ---- sources ----------------------------------------------------------------------
 @dataclass
@@ -207,6 +209,42 @@ def decode_square(data: bytes, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
+def _parquet_parts(files: list[str], parts: int) -> list[dict]:
+    """About ``parts`` read units of a Parquet split: each a file and a run of its row groups (a file
+    written with one row group is one unit)."""
+    import pyarrow.parquet as pq
+
+    groups = {}
+    for f in files:
+        fs, path = storage.filesystem(f)
+        try:
+            with fs.open_input_file(path) as handle:
+                groups[f] = pq.ParquetFile(handle).metadata.num_row_groups
+        except (OSError, ValueError) as exc:   # pyarrow's errors for a missing, torn or foreign file
+            raise DataError(f"{f}: not a readable Parquet file: {exc}") from exc
+    step = max(1, -(-sum(groups.values()) // parts))
+    return [{"file": f, "row_groups": list(range(i, min(i + step, g)))} for f, g in groups.items()
+            for i in range(0, g, step)]
+
+
+def _parquet_rows(part: dict, wanted: dict[str, int], labels: list[int]):
+    """The rows of one read unit (``_parquet_parts``) that the split's index kept (``wanted``: path ->
+    position), streamed a few hundred rows at a time."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(part["file"])
+    try:
+        with fs.open_input_file(path) as handle:
+            batches = pq.ParquetFile(handle).iter_batches(batch_size=PARQUET_ROW_GROUP, row_groups=part["row_groups"],
+                                                          columns=["image", "path"])
+            for batch in batches:
+                for image, p in zip(batch.column("image").to_pylist(), batch.column("path").to_pylist()):
+                    if p in wanted:
+                        yield {"image": image, "path": p, "label": labels[wanted[p]], "idx": wanted[p]}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{part['file']}: not a readable Parquet file: {exc}") from exc
+
+
 def _decode_batch(batch: dict, size: int) -> dict:
     images, errors = [], []
     for i, path in enumerate(batch["path"]):
@@ -219,7 +257,8 @@ def _decode_batch(batch: dict, size: int) -> dict:
         except Exception as exc:  # any decode failure is reported with its path, never raised here
             images.append(np.zeros((size, size, 3), np.uint8))
             errors.append(f"{type(exc).__name__}: {exc}"[:300])
-    return {"img": np.stack(images), "label": np.asarray(batch["label"], np.int64),
+    return {"img": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
+            "label": np.asarray(batch["label"], np.int64),
             "idx": np.asarray(batch["idx"], np.int64), "path": np.asarray(batch["path"], object),
             "error": np.asarray(errors, object)}
 
@@ -240,22 +279,17 @@ def decode_split(index: SplitIndex, cfg: DataConfig) -> DecodedSplit:
     import ray.data
 
     size, n = cfg.stored_size(), len(index)
-    blocks = max(1, min(64, n // 32))
+    # blocks of at least a decode batch (Ray Data bundles smaller ones into one task, and so one block)
+    blocks = max(1, min(64, n // cfg.aug_batch_size))
     # every task of the pipeline asks for data.cpus_per_task (Ray's default is a whole CPU a task: on an
     # autoscaling cluster that demand alone launches nodes)
     cpus = {"num_cpus": cfg.cpus_per_task}
     if index.parquet_files:
-        wanted = {p: i for i, p in enumerate(index.paths)}
-        labels = index.labels
-
-        def attach(batch: dict) -> dict:
-            keep = [j for j, p in enumerate(batch["path"]) if p in wanted]
-            pos = [wanted[batch["path"][j]] for j in keep]
-            return {"image": [batch["image"][j] for j in keep], "path": [batch["path"][j] for j in keep],
-                    "label": [labels[i] for i in pos], "idx": pos}
-
-        ds = ray.data.read_parquet(index.parquet_files, **cpus).select_columns(["image", "path"], **cpus).map_batches(
-            attach, batch_format="numpy", **cpus)
+        # a task per run of row groups reads them with pyarrow (read_parquet's metadata and sampling
+        # tasks ask for a whole CPU each, which no argument changes); a block per task
+        parts = _parquet_parts(index.parquet_files, blocks)
+        ds = ray.data.from_items(parts, override_num_blocks=len(parts)).flat_map(
+            _parquet_rows, fn_kwargs={"wanted": dict(zip(index.paths, range(n))), "labels": index.labels}, **cpus)
     else:
         rows = [{"path": p, "label": y, "idx": i} for i, (p, y) in enumerate(zip(index.paths, index.labels))]
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
@@ -269,7 +303,7 @@ def decode_split(index: SplitIndex, cfg: DataConfig) -> DecodedSplit:
         raise DataError(f"{len(skipped)} unreadable image(s) in split {index.split!r} (data.strict=true), "
                         f"first: {skipped[0]['path']}: {skipped[0]['error']}")
     good = decoded.filter(expr=col("error") == "", **cpus).drop_columns(["error"], **cpus)
-    good = good.repartition(blocks).materialize()
+    good = good.materialize()   # the source's blocks (Ray's repartition would cut them in whole-CPU tasks)
     count = good.count()
     if count == 0:
         raise DataError(f"split {index.split!r}: none of its {n} images could be decoded; "
@@ -335,7 +369,7 @@ def folder_to_parquet(src: str | Path, dst: str | Path, splits: tuple[str, ...] 
                 fs, path = storage.filesystem(target)
                 if not storage.is_uri(target):
                     Path(path).parent.mkdir(parents=True, exist_ok=True)
-                pq.write_table(pa.table(rows), path, filesystem=fs)
+                pq.write_table(pa.table(rows), path, filesystem=fs, row_group_size=PARQUET_ROW_GROUP)
             counts[split] = len(index)
     return counts
 

@@ -17,9 +17,8 @@ from raypipe.fakecluster import HEAD_TYPE, FakeCluster, derive, parse_autoscaler
 
 REPO = Path(__file__).resolve().parents[1]
 # cluster.yaml's 8-CPU nodes as 2-CPU raylets on this 2-core machine (CPUs are logical). The head gets
-# 4: Ray Data's file listing and Parquet sampling ask for a whole CPU a task (not settable in Ray 2.60),
-# and with two trials decoding at once a 2-CPU head left some pending: the autoscaler launched a GPU
-# node for them (a 4-CPU head still can, less often; the first trial's worker then takes that node).
+# 4: with two trials decoding at once, a 2-CPU head left data tasks pending and the autoscaler launched a
+# GPU node for them (then read_parquet's whole-CPU sampling tasks; raypipe reads Parquet itself since).
 CPU_SCALE, HEAD_CPU_SCALE = 0.25, 0.5
 
 

@@ -59,6 +59,28 @@ def test_parquet_round_trip(tiny_data, tmp_path):
         sorted(zip(folder.labels, [Path(p).name for p in folder.paths]))
 
 
+def test_parquet_read_units_give_the_indexed_rows_once(tiny_data, tmp_path, monkeypatch):
+    """The reader behind decode_split: a split's files cut into about the asked number of read units (runs
+    of row groups); of every unit, the rows the (subsampled) index kept, each once, with its position in
+    the index and its label; an unreadable file is named."""
+    monkeypatch.setattr(D, "PARQUET_ROW_GROUP", 8)
+    D.folder_to_parquet(tiny_data, tmp_path / "pq", splits=("train",), rows_per_file=20)   # 20+20+20+4 rows
+    index = D.subsample(D.scan_split(tmp_path / "pq", "train"), 3, seed=0)
+    assert len(index.parquet_files) == 4 and len(index) == 12
+    # 3+3+3+1 row groups of 8 rows: 4 units asked -> 3 groups a unit; 8 asked -> 2 a unit (7 units)
+    assert [p["row_groups"] for p in D._parquet_parts(index.parquet_files, 4)] == [[0, 1, 2]] * 3 + [[0]]
+    parts = D._parquet_parts(index.parquet_files, 8)
+    assert [p["row_groups"] for p in parts] == [[0, 1], [2]] * 3 + [[0]]
+    wanted = dict(zip(index.paths, range(len(index))))
+    rows = [r for part in parts for r in D._parquet_rows(part, wanted, index.labels)]
+    assert sorted(r["idx"] for r in rows) == list(range(12))
+    assert all(r["path"] == index.paths[r["idx"]] and r["label"] == index.labels[r["idx"]] for r in rows)
+    assert all(D.decode_square(r["image"], 8).shape == (8, 8, 3) for r in rows)
+    (tmp_path / "torn.parquet").write_bytes(b"PAR1 torn")
+    with pytest.raises(D.DataError, match="torn.parquet: not a readable Parquet file"):
+        D._parquet_parts([str(tmp_path / "torn.parquet")], 1)
+
+
 @pytest.mark.parametrize("breakage, message", [
     ("missing_root", "does not exist"),
     ("empty_split", "split 'val' is empty"),
@@ -241,6 +263,44 @@ def test_parquet_source_through_ray(ray_cluster, tiny_data, tmp_path):
     rows = decoded.dataset.take_all()
     assert decoded.count == 12 and sorted(r["label"] for r in rows) == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
     assert rows[0]["img"].shape == (20, 20, 3)
+
+
+def test_parquet_split_decodes_on_half_a_free_cpu(ray_cluster, tiny_data, tmp_path):
+    """Every task decoding a Parquet split asks for data.cpus_per_task: with all but half a CPU of the
+    cluster taken, the split still decodes. (read_parquet's own metadata and sampling tasks ask for a
+    whole CPU each; on an autoscaling cluster such a wait launches a node for them.)"""
+    import threading
+
+    from ray.util.placement_group import placement_group, remove_placement_group
+    D.folder_to_parquet(tiny_data, tmp_path / "pq", splits=("train",), rows_per_file=20)
+    cfg = load_config(overrides=[f"data.root={tmp_path / 'pq'}", "data.decode_size=20", "data.aug_batch_size=16"]).data
+    index = D.scan_split(tmp_path / "pq", "train")
+    held = placement_group([{"CPU": ray_cluster.available_resources()["CPU"] - 0.5}])
+    ray_cluster.get(held.ready(), timeout=60)
+    out: dict = {}
+
+    def decode():
+        try:
+            out["decoded"] = D.decode_split(index, cfg)
+        except Exception as exc:  # re-raised below, in the test's thread
+            out["error"] = exc
+
+    worker = threading.Thread(target=decode, daemon=True)
+    try:
+        worker.start()
+        worker.join(120)
+        waited = worker.is_alive()
+    finally:
+        remove_placement_group(held)
+        worker.join(120)
+    assert not waited, "decoding a Parquet split waited for more than half a free CPU"
+    if "error" in out:
+        raise out["error"]
+    decoded = out["decoded"]
+    assert decoded.count == 64 and not decoded.skipped and decoded.dataset.num_blocks() == 4   # 64 / 16: a block a file
+    rows = decoded.dataset.select_columns(["idx", "label"]).take_all()
+    assert sorted(r["idx"] for r in rows) == list(range(64))
+    assert all(r["label"] == index.labels[r["idx"]] for r in rows)
 
 
 def test_folder_and_parquet_on_s3_index_like_local(s3_server, tiny_data, tmp_path):
