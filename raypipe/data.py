@@ -279,8 +279,9 @@ def decode_split(index: SplitIndex, cfg: DataConfig) -> DecodedSplit:
     import ray.data
 
     size, n = cfg.stored_size(), len(index)
-    # blocks of at least a decode batch (Ray Data bundles smaller ones into one task, and so one block)
-    blocks = max(1, min(64, n // cfg.aug_batch_size))
+    blocks = max(1, min(64, n // 32))
+    # decode batches no larger than a block: Ray Data bundles smaller blocks into one task (one block)
+    batch = max(1, min(cfg.aug_batch_size, n // blocks))
     # every task of the pipeline asks for data.cpus_per_task (Ray's default is a whole CPU a task: on an
     # autoscaling cluster that demand alone launches nodes)
     cpus = {"num_cpus": cfg.cpus_per_task}
@@ -294,7 +295,7 @@ def decode_split(index: SplitIndex, cfg: DataConfig) -> DecodedSplit:
         rows = [{"path": p, "label": y, "idx": i} for i, (p, y) in enumerate(zip(index.paths, index.labels))]
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
     decoded = ds.map_batches(_decode_batch, fn_kwargs={"size": size}, batch_format="numpy",
-                             batch_size=cfg.aug_batch_size, **cpus).materialize()
+                             batch_size=batch, **cpus).materialize()
     from ray.data.expressions import col
 
     bad = decoded.filter(expr=col("error") != "", **cpus).select_columns(["path", "error"], **cpus).take_all()

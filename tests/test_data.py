@@ -273,7 +273,7 @@ def test_parquet_split_decodes_on_half_a_free_cpu(ray_cluster, tiny_data, tmp_pa
 
     from ray.util.placement_group import placement_group, remove_placement_group
     D.folder_to_parquet(tiny_data, tmp_path / "pq", splits=("train",), rows_per_file=20)
-    cfg = load_config(overrides=[f"data.root={tmp_path / 'pq'}", "data.decode_size=20", "data.aug_batch_size=16"]).data
+    cfg = load_config(overrides=[f"data.root={tmp_path / 'pq'}", "data.decode_size=20"]).data
     index = D.scan_split(tmp_path / "pq", "train")
     held = placement_group([{"CPU": ray_cluster.available_resources()["CPU"] - 0.5}])
     ray_cluster.get(held.ready(), timeout=60)
@@ -297,7 +297,7 @@ def test_parquet_split_decodes_on_half_a_free_cpu(ray_cluster, tiny_data, tmp_pa
     if "error" in out:
         raise out["error"]
     decoded = out["decoded"]
-    assert decoded.count == 64 and not decoded.skipped and decoded.dataset.num_blocks() == 4   # 64 / 16: a block a file
+    assert decoded.count == 64 and not decoded.skipped and decoded.dataset.num_blocks() == 2   # 64 / 32
     rows = decoded.dataset.select_columns(["idx", "label"]).take_all()
     assert sorted(r["idx"] for r in rows) == list(range(64))
     assert all(r["label"] == index.labels[r["idx"]] for r in rows)
