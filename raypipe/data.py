@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from . import storage
+from . import parquet, storage
 from .errors import DataError
 from .settings import DataConfig
 from .storage import join
@@ -34,7 +34,6 @@ from .transforms import eval_ten_crop, eval_view, make_views
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey image
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif"}
 UNLABELLED = -1
-PARQUET_ROW_GROUP = 256   # rows per row group that folder_to_parquet writes: the smallest unit a read task takes
 
 # ---- sources ----------------------------------------------------------------------
 @dataclass
@@ -209,42 +208,6 @@ def decode_square(data: bytes, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-def _parquet_parts(files: list[str], parts: int) -> list[dict]:
-    """About ``parts`` read units of a Parquet split: each a file and a run of its row groups (a file
-    written with one row group is one unit)."""
-    import pyarrow.parquet as pq
-
-    groups = {}
-    for f in files:
-        fs, path = storage.filesystem(f)
-        try:
-            with fs.open_input_file(path) as handle:
-                groups[f] = pq.ParquetFile(handle).metadata.num_row_groups
-        except (OSError, ValueError) as exc:   # pyarrow's errors for a missing, torn or foreign file
-            raise DataError(f"{f}: not a readable Parquet file: {exc}") from exc
-    step = max(1, -(-sum(groups.values()) // parts))
-    return [{"file": f, "row_groups": list(range(i, min(i + step, g)))} for f, g in groups.items()
-            for i in range(0, g, step)]
-
-
-def _parquet_rows(part: dict, wanted: dict[str, int], labels: list[int]):
-    """The rows of one read unit (``_parquet_parts``) that the split's index kept (``wanted``: path ->
-    position), streamed a few hundred rows at a time."""
-    import pyarrow.parquet as pq
-
-    fs, path = storage.filesystem(part["file"])
-    try:
-        with fs.open_input_file(path) as handle:
-            batches = pq.ParquetFile(handle).iter_batches(batch_size=PARQUET_ROW_GROUP, row_groups=part["row_groups"],
-                                                          columns=["image", "path"])
-            for batch in batches:
-                for image, p in zip(batch.column("image").to_pylist(), batch.column("path").to_pylist()):
-                    if p in wanted:
-                        yield {"image": image, "path": p, "label": labels[wanted[p]], "idx": wanted[p]}
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{part['file']}: not a readable Parquet file: {exc}") from exc
-
-
 def _decode_batch(batch: dict, size: int) -> dict:
     images, errors = [], []
     for i, path in enumerate(batch["path"]):
@@ -288,9 +251,9 @@ def decode_split(index: SplitIndex, cfg: DataConfig) -> DecodedSplit:
     if index.parquet_files:
         # a task per run of row groups reads them with pyarrow (read_parquet's metadata and sampling
         # tasks ask for a whole CPU each, which no argument changes); a block per task
-        parts = _parquet_parts(index.parquet_files, blocks)
-        ds = ray.data.from_items(parts, override_num_blocks=len(parts)).flat_map(
-            _parquet_rows, fn_kwargs={"wanted": dict(zip(index.paths, range(n))), "labels": index.labels}, **cpus)
+        units = parquet.read_units(index.parquet_files, blocks)
+        ds = ray.data.from_items(units, override_num_blocks=len(units)).flat_map(
+            parquet.rows, fn_kwargs={"wanted": dict(zip(index.paths, range(n))), "labels": index.labels}, **cpus)
     else:
         rows = [{"path": p, "label": y, "idx": i} for i, (p, y) in enumerate(zip(index.paths, index.labels))]
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
@@ -370,7 +333,7 @@ def folder_to_parquet(src: str | Path, dst: str | Path, splits: tuple[str, ...] 
                 fs, path = storage.filesystem(target)
                 if not storage.is_uri(target):
                     Path(path).parent.mkdir(parents=True, exist_ok=True)
-                pq.write_table(pa.table(rows), path, filesystem=fs, row_group_size=PARQUET_ROW_GROUP)
+                pq.write_table(pa.table(rows), path, filesystem=fs, row_group_size=parquet.ROW_GROUP)
             counts[split] = len(index)
     return counts
 

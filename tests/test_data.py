@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from raypipe import data as D
+from raypipe import parquet
 from raypipe import transforms as T
 from raypipe.config import load_config
 from raypipe.transforms import CropView, MocoView
@@ -63,22 +64,22 @@ def test_parquet_read_units_give_the_indexed_rows_once(tiny_data, tmp_path, monk
     """The reader behind decode_split: a split's files cut into about the asked number of read units (runs
     of row groups); of every unit, the rows the (subsampled) index kept, each once, with its position in
     the index and its label; an unreadable file is named."""
-    monkeypatch.setattr(D, "PARQUET_ROW_GROUP", 8)
+    monkeypatch.setattr(parquet, "ROW_GROUP", 8)
     D.folder_to_parquet(tiny_data, tmp_path / "pq", splits=("train",), rows_per_file=20)   # 20+20+20+4 rows
     index = D.subsample(D.scan_split(tmp_path / "pq", "train"), 3, seed=0)
     assert len(index.parquet_files) == 4 and len(index) == 12
     # 3+3+3+1 row groups of 8 rows: 4 units asked -> 3 groups a unit; 8 asked -> 2 a unit (7 units)
-    assert [p["row_groups"] for p in D._parquet_parts(index.parquet_files, 4)] == [[0, 1, 2]] * 3 + [[0]]
-    parts = D._parquet_parts(index.parquet_files, 8)
+    assert [p["row_groups"] for p in parquet.read_units(index.parquet_files, 4)] == [[0, 1, 2]] * 3 + [[0]]
+    parts = parquet.read_units(index.parquet_files, 8)
     assert [p["row_groups"] for p in parts] == [[0, 1], [2]] * 3 + [[0]]
     wanted = dict(zip(index.paths, range(len(index))))
-    rows = [r for part in parts for r in D._parquet_rows(part, wanted, index.labels)]
+    rows = [r for part in parts for r in parquet.rows(part, wanted, index.labels)]
     assert sorted(r["idx"] for r in rows) == list(range(12))
     assert all(r["path"] == index.paths[r["idx"]] and r["label"] == index.labels[r["idx"]] for r in rows)
     assert all(D.decode_square(r["image"], 8).shape == (8, 8, 3) for r in rows)
     (tmp_path / "torn.parquet").write_bytes(b"PAR1 torn")
     with pytest.raises(D.DataError, match="torn.parquet: not a readable Parquet file"):
-        D._parquet_parts([str(tmp_path / "torn.parquet")], 1)
+        parquet.read_units([str(tmp_path / "torn.parquet")], 1)
 
 
 @pytest.mark.parametrize("breakage, message", [
