@@ -250,7 +250,8 @@ def decode_split(index: SplitIndex, cfg: DataConfig) -> DecodedSplit:
     cpus = {"num_cpus": cfg.cpus_per_task}
     if index.parquet_files:
         # a task per run of row groups reads them with pyarrow (read_parquet's metadata and sampling
-        # tasks ask for a whole CPU each, which no argument changes); a block per task
+        # tasks ask for a whole CPU each, which no argument changes); units smaller than a decode batch
+        # are bundled by Ray Data
         units = parquet.read_units(index.parquet_files, blocks)
         ds = ray.data.from_items(units, override_num_blocks=len(units)).flat_map(
             parquet.rows, fn_kwargs={"wanted": dict(zip(index.paths, range(n))), "labels": index.labels}, **cpus)
