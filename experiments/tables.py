@@ -3,6 +3,8 @@
     python experiments/tables.py            # rewrite every block whose records are here; name the others
     python experiments/tables.py --check    # rewrite nothing: name every block whose records are missing or
                                             # lack a figure, or whose text differs from them; exit 1 if any
+Both name, under each runner's table, the planned steps that have not run yet (their cells show -), with
+the command that runs them; these do not fail --check (the block is what its records give).
 
 The blocks, each between its markers in a doc:
 - the runners' tables: what `python experiments/<runner>.py --table-only` writes from the step records kept
@@ -48,12 +50,16 @@ class Block:
     new: str | None = None     # the block its records give (None: they cannot give it)
     problems: list[str] = field(default_factory=list)   # what is missing or lacking, named
     fixes: list[str] = field(default_factory=list)      # the commands that make it
+    todo: list[str] = field(default_factory=list)       # planned steps without a successful record (cells of -)
+    todo_fix: str | None = None                         # the command that runs them
     write: object = None       # writes ``new`` into the doc
 
     def line(self) -> str:
         head = f"{self.state.upper():<8} {self.doc} [{self.name}] from {self.source}"
+        todo = [f"         not run yet (its cells show -): {len(self.todo)} planned step(s): {', '.join(self.todo)}; "
+                f"run them: {self.todo_fix}"] if self.todo else []
         return "\n".join([head, *(f"         {p}" for p in self.problems),
-                          *(f"         make it: {c}" for c in self.fixes)])
+                          *(f"         make it: {c}" for c in self.fixes), *todo])
 
 
 def first_difference(old: str, new: str) -> str:
@@ -73,6 +79,8 @@ def runner_block(cls: type[Runner], root: Path) -> Block:
     command, table_steps = RUNNERS[cls]
     block = Block(cls.RESULTS, runner.BEGIN.split(":")[0].removeprefix("<!-- "), f"{command} --table-only "
                   f"(step records in experiments/records/{cls.NAME})")
+    block.todo = [s.name for s in table_steps(runner) if not runner.succeeded(s)]
+    block.todo_fix = command
     old = runner.committed_block()
     if old is None:
         block.state, block.problems = BROKEN, [f"its markers {runner.BEGIN!r} / {runner.END!r} are gone"]
