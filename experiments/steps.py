@@ -16,6 +16,11 @@ A runner is a list of Steps, each one `raypipe` command. A `Runner` holds the ru
   Its record is then the re-made run's, and every step that read the earlier make (an eval of a re-made
   student, a student of a re-made teacher) is stale: it is not done until it runs again, and the
   command list of a table marks it until then.
+- A step is identified by its command, and a pretrain or distill step also by the config it resolves to:
+  the run's own config.yaml (kept) is what ran. A config file edited since (the same command now
+  resolving to other values) makes the step stale, named with the keys that changed; a command
+  rewritten without changing what it resolves to (another config file or overrides giving the same
+  values, the same name, data and other options) is the same run and stays done.
 The table helpers (cells, rows read from the records, the generated block of a doc) are here too.
 Places are relative to the repository (``runner_args`` moves there).
 """
@@ -45,6 +50,31 @@ REPORT_FIELDS = ("split", "models", "weights", "views", "average", "skipped_imag
 # which epoch a student row reports, as its two halves for a table's caption (test; val)
 EPOCHS_NOTE = ("; a student is tested as exported: its epoch with the best val.",
                "; a student's val cell (and the runner's choices) is its final epoch's.")
+
+
+# commands that write the config they resolved to (runs/<--name>/config.yaml), and its keys that name
+# places rather than what is trained (set from the command's own arguments)
+RUN_COMMANDS = ("pretrain", "distill")
+PLACE_KEYS = ("name", "output_dir", "data.root")
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str], dict[str, str]]:
+    """A step's argv (after `raypipe`) as (command and data, key=value overrides, options): overrides come
+    before the first option, and every option of a runner's step takes one value."""
+    first = next((i for i, a in enumerate(argv) if a.startswith("--")), len(argv))
+    opts = argv[first:]
+    return argv[:2], argv[2:first], dict(zip(opts[::2], opts[1::2]))
+
+
+def flat_config(cfg: dict, prefix: str = "") -> dict:
+    """A config's dotted keys -> values, without PLACE_KEYS."""
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(flat_config(value, f"{prefix}{key}."))
+        elif f"{prefix}{key}" not in PLACE_KEYS:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 @dataclass
@@ -214,9 +244,37 @@ class Runner:
 
     # ---- running ------------------------------------------------------------------------------
     def succeeded(self, step: Step) -> bool:
-        """Succeeded with this very command (a changed command, e.g. after a new val decision, reruns)."""
+        """Succeeded with this command (a changed command, e.g. after a new val decision, reruns), and for a
+        pretrain or distill step with the config it resolves to now (``config_changes``): an edited config
+        file reruns it; a rewritten command resolving to what ran does not."""
         rec = self.load(self.record_path(step))
-        return bool(rec) and rec["rc"] == 0 and rec["argv"] == ["raypipe", *step.argv]
+        if not rec or rec["rc"] != 0:
+            return False
+        if rec["argv"] == ["raypipe", *step.argv]:
+            return not self.config_changes(step)
+        (head, _, opts), (rec_head, _, rec_opts) = split_argv(step.argv), split_argv(rec["argv"][1:])
+        same_options = {k: v for k, v in opts.items() if k != "--config"} == \
+            {k: v for k, v in rec_opts.items() if k != "--config"}
+        return head == rec_head and same_options and self.config_changes(step) == {}
+
+    def config_changes(self, step: Step) -> dict[str, tuple] | None:
+        """The keys whose value in the config ``step``'s command resolves to now differs from the config its
+        recorded run wrote (key -> (then, now)); None where there is nothing to compare (not a pretrain or
+        distill step, or no kept config.yaml). Both go through the current Config, so renamed keys and
+        fields added since (at their defaults) compare alike."""
+        import yaml
+
+        from raypipe.config import Config, load_config
+
+        (command, _), overrides, opts = split_argv(step.argv)
+        if command not in RUN_COMMANDS or "--config" not in opts or "--name" not in opts:
+            return None
+        kept = self.kept(self.runs / opts["--name"] / "config.yaml")
+        if not kept.is_file():
+            return None
+        then = flat_config(Config.from_dict(yaml.safe_load(kept.read_text())).to_dict())
+        now = flat_config(load_config(opts["--config"], overrides).to_dict())
+        return {k: (then.get(k), now.get(k)) for k in sorted(then.keys() | now.keys()) if then.get(k) != now.get(k)}
 
     def remade_inputs(self, step: Step, earlier: list[Step]) -> list[Step]:
         """The earlier steps whose output ``step`` reads that ran again after it did: its record (and what
@@ -411,6 +469,9 @@ class Runner:
             if rec:
                 remade = self.remade_inputs(step, steps[:i])
                 note = f"; STALE: made from an earlier {', '.join(s.name for s in remade)}" if remade else ""
+                if rec["argv"] == ["raypipe", *step.argv] and (changed := self.config_changes(step)):
+                    note += "; STALE: its config changed since it ran: " + ", ".join(
+                        f"{k} {then} -> {now}" for k, (then, now) in changed.items())
                 lines.append(f"{' '.join(rec['argv'])}   # {rec['name']}: {rec['wall_s'] / 60:.1f} min, "
                              f"exit {rec['rc']}{note}")
         return lines

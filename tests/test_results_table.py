@@ -474,3 +474,37 @@ def test_a_rerun_step_is_not_a_dropped_record_and_steps_out_of_the_plan_stay_lis
     assert lines == ["raypipe distill D --name o_s1   # o_s1: 1.0 min, exit 0; not in the current plan "
                      "(a val decision changed since it ran)"]
     assert dropped_commands(old, "\n".join(["```", *repro.commands_block([planned]), *lines, "```"])) == []
+
+
+def test_an_edited_config_makes_its_step_stale_and_a_rewritten_command_resolving_alike_does_not(repro, tmp_path):
+    """A pretrain/distill step is the config its run wrote (kept config.yaml), not only its command's text:
+    editing the config file the command names makes it stale (the keys named); another command resolving
+    to the same values (a teacher recipe moved out of the file that held it) is the same run."""
+    base = REPO / "experiments" / "configs" / "cifar10_50" / "base.yaml"
+    recipe = tmp_path / "teacher.yaml"
+    recipe.write_text(f"extends: {base}\nteacher:\n  epochs: 400\n")
+    step = Step("pretrain_t", ["pretrain", "D", "teacher.seed=1", "--config", str(recipe), "--name", "teacher_t"],
+                repro.teacher_file("t"))
+    put(repro.kept(repro.record_path(step)), {"name": step.name, "argv": ["raypipe", *step.argv], "rc": 0,
+                                              "wall_s": 60.0})
+    ran = load_config(recipe, ["teacher.seed=1", "name=teacher_t", "data.root=D"])
+    repro.kept(repro.runs / "teacher_t" / "config.yaml").parent.mkdir(parents=True, exist_ok=True)
+    ran.dump(repro.kept(repro.runs / "teacher_t" / "config.yaml"))
+    assert repro.config_changes(step) == {} and repro.succeeded(step)
+
+    recipe.write_text(f"extends: {base}\nteacher:\n  epochs: 400\n  moco:\n    temperature: 0.1\n")   # edited
+    assert repro.config_changes(step) == {"teacher.moco.temperature": (0.2, 0.1)}
+    assert not repro.succeeded(step) and not repro.is_done(step)
+    assert "STALE: its config changed since it ran: teacher.moco.temperature 0.2 -> 0.1" in \
+        repro.commands_block([step])[0]
+
+    # the recipe as base.yaml + overrides (the file now holds another): the same run, done
+    moved = Step("pretrain_t", ["pretrain", "D", "teacher.epochs=400", "teacher.seed=1", "--config", str(base),
+                                "--name", "teacher_t"], repro.teacher_file("t"))
+    assert repro.succeeded(moved)
+    for other in (["pretrain", "D", "teacher.epochs=400", "--config", str(base), "--name", "teacher_t"],  # seed 0
+                  ["pretrain", "D", "teacher.epochs=400", "teacher.seed=1", "--config", str(base), "--name",
+                   "teacher_u"],                                                        # another run's name
+                  ["pretrain", "E", "teacher.epochs=400", "teacher.seed=1", "--config", str(base), "--name",
+                   "teacher_t"]):                                                       # other data
+        assert not repro.succeeded(Step("pretrain_t", other, repro.teacher_file("t"))), other
