@@ -29,14 +29,14 @@ if __package__ in (None, ""):  # `python experiments/cifar10_50.py`: import from
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.steps import (EPOCHS_NOTE, REPO, NotDecided, Runner, Step, decided, fmt, gain, seeds_cell,  # noqa: E402
                                kept_cell, runner_args)
-from experiments.teacher_study import TeacherChoice, TeacherStudy  # noqa: E402
+from experiments.teacher_study import CHOICE, IN_USE, TeacherChoice, TeacherStudy  # noqa: E402
 from experiments.tinyimagenet_50 import TinyImageNet  # noqa: E402
 
 SEEDS = (0, 1, 2)
-# teacher name -> config: the phase-2 teacher (m = 0.4, K = 128, t = 0.1, no blur, 400 epochs: the
-# teacher study's choice on val), then the margin ablation (m = 0 / 0.4 x K = 128 / 480, 40 epochs
+# teacher name -> config: the phase-2 teacher (teacher.yaml: the recipe the teacher choice of
+# docs/teacher_study.md picked on val, 400 epochs), then the margin ablation (m = 0 / 0.4 x K = 128 / 480, 40 epochs
 # each: the CPU budget)
-MAIN_TEACHER = "m0.4_k128_t0.1_e400"
+MAIN_TEACHER = CHOICE[IN_USE][0]   # teacher.yaml's run: seed 0 of the teacher choice's recipe in use
 ABLATION_TEACHERS = {f"m{m}_k{k}_e40": f"ablation_m{m}_k{k}.yaml" for m in ("0.4", "0") for k in (128, 480)}
 # follow-up to the goal miss: the stride-1 stem (4x the compute) with the val-chosen m = 0
 STRIDE1_TEACHER = "m0_k128_s1"

@@ -40,15 +40,27 @@ ARMS = {
     "study_e100_crop0.4": ["teacher.crop_min_scale=0.4"],
     "study_e100_b64": ["teacher.batch_size=64"],
 }
-# arms whose recipe a step of the CIFAR-10 runner makes already (the same command): arm -> (that step's
-# teacher name, its config); the study reads that step's records instead of training the recipe twice
-SAME_AS = {"study_e400_t0.1_noblur": ("m0.4_k128_t0.1_e400", "teacher.yaml")}
-# the teacher choice: recipe -> (its teacher name at seed 0, config, overrides); seed s > 0 adds
-# teacher.seed=s and _seed<s> to the name. Seed 0 of each is a step of the study / the CIFAR runner.
-CHOICE = {"t0.2_blur": ("study_e400", "base.yaml", ARMS["study_e400"]),
-          "t0.1_noblur": ("m0.4_k128_t0.1_e400", "teacher.yaml", [])}
+# the teacher choice: recipe -> (its teacher name at seed 0, the study arm whose recipe it is); seed s > 0
+# adds teacher.seed=s and _seed<s> to the name. Seed 0 of each is that arm's step (not trained twice).
+CHOICE = {"t0.2_blur": ("study_e400", "study_e400"), "t0.1_noblur": ("m0.4_k128_t0.1_e400", "study_e400_t0.1_noblur")}
 CHOICE_SEEDS = (0, 1)
-IN_USE = "t0.1_noblur"   # the recipe experiments/configs/cifar10_50/teacher.yaml holds
+IN_USE = "t0.1_noblur"   # the recipe experiments/configs/cifar10_50/teacher.yaml holds: the phase-2 teacher
+ARM_RECIPE = {arm: recipe for recipe, (_, arm) in CHOICE.items()}
+
+
+def recipe_config(recipe: str) -> tuple[str, list[str]]:
+    """(config file, overrides) of a choice recipe's commands: teacher.yaml for the one in use (its seed 0 is the
+    CIFAR-10 runner's teacher, the same step), base.yaml + its arm's overrides for the others. The step
+    engine knows a run by the config it resolved to, so moving a recipe between the two forms (when the
+    choice changes teacher.yaml) keeps its runs; a test checks that both forms resolve alike."""
+    return ("teacher.yaml", []) if recipe == IN_USE else ("base.yaml", ARMS[CHOICE[recipe][1]])
+
+
+def arm_step(arm: str) -> tuple[str, str, list[str]]:
+    """(teacher name, config file, overrides) of a study arm's steps; a choice recipe's arm is its seed 0."""
+    if arm in ARM_RECIPE:
+        return (CHOICE[ARM_RECIPE[arm]][0], *recipe_config(ARM_RECIPE[arm]))
+    return arm, "base.yaml", ARMS[arm]
 
 
 class TeacherStudy(Runner):
@@ -60,9 +72,9 @@ class TeacherStudy(Runner):
 
     def steps(self, data: str) -> list[Step]:
         out = [self.random_probe(data)]
-        for arm, overrides in ARMS.items():
-            name, config = SAME_AS.get(arm, (arm, "base.yaml"))
-            out += self.pretrain_steps(data, name, f"{self.configs}/{config}", [] if arm in SAME_AS else overrides)
+        for arm in ARMS:
+            name, config, overrides = arm_step(arm)
+            out += self.pretrain_steps(data, name, f"{self.configs}/{config}", overrides)
         return out
 
     @staticmethod
@@ -73,7 +85,8 @@ class TeacherStudy(Runner):
         """The teacher choice: each recipe x CHOICE_SEEDS, seed 0 of both first."""
         out = []
         for seed in CHOICE_SEEDS:
-            for recipe, (_, config, overrides) in CHOICE.items():
+            for recipe in CHOICE:
+                config, overrides = recipe_config(recipe)
                 seeded = [*overrides, f"teacher.seed={seed}"] if seed else list(overrides)
                 out += self.pretrain_steps(data, self.choice_name(recipe, seed), f"{self.configs}/{config}", seeded)
         return out
@@ -84,10 +97,10 @@ class TeacherStudy(Runner):
                 f"{fmt(random.get('test_knn_top1'))} | - | {fmt(random.get('val_top1'))} | "
                 f"{fmt(random.get('test_top1'))} | {random.get('probe_lr', '-')} | - |"]
         for arm, overrides in ARMS.items():
-            name = SAME_AS.get(arm, (arm,))[0]
+            name, config, _ = arm_step(arm)
             probe = self.load(self.probe_file(name)) or {}
             gains = {s: gain(probe, random, f"{s}_knn_top1") for s in ("val", "test")}
-            same = f" (= `{SAME_AS[arm][1]}`, step `pretrain_{name}`)" if arm in SAME_AS else ""
+            same = f" (= `{config}`, step `pretrain_{name}`)" if config != "base.yaml" else ""
             rows.append(f"| `{arm}` | {' '.join(overrides) or '(base.yaml)'}{same} | {self.knn_curve(name)} | "
                         f"{fmt(probe.get('val_knn_top1'))} | {fmt(gains['val'])} | {fmt(probe.get('test_knn_top1'))} | "
                         f"{fmt(gains['test'])} | {fmt(probe.get('val_top1'))} | {fmt(probe.get('test_top1'))} | "
@@ -132,7 +145,8 @@ class TeacherChoice(TeacherStudy):
     def table(self, data: str | None = None) -> str:
         keys = ("val_knn_top1", "test_knn_top1", "val_top1", "test_top1")
         rows = []
-        for recipe, (_, config, overrides) in CHOICE.items():
+        for recipe in CHOICE:
+            config, overrides = recipe_config(recipe)
             probes = []
             for seed in CHOICE_SEEDS:
                 name = self.choice_name(recipe, seed)

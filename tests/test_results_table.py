@@ -191,16 +191,20 @@ def test_teacher_study_steps_are_valid_commands_and_its_table_reads_the_probes(r
             epochs[args.name] = cfg.teacher.epochs
         else:  # every probe picks its lr on val and reports test
             assert args.split == ["val", "test"] and (args.random_init or args.teacher)
-    name = {arm: teacher_study.SAME_AS.get(arm, (arm,))[0] for arm in teacher_study.ARMS}
+    name = {arm: teacher_study.arm_step(arm)[0] for arm in teacher_study.ARMS}
     expected = {f"teacher_{name[arm]}": next((int(o.split("=")[1]) for o in overrides if o.startswith("teacher.epochs=")),
                                              100)
                 for arm, overrides in teacher_study.ARMS.items()}   # base.yaml's 100 unless an arm overrides it
     assert epochs == expected and expected["teacher_study_e400"] == 400
-    # an arm read from the CIFAR-10 runner's step is that step's recipe: base.yaml + the arm's overrides
-    for arm, (_, config) in teacher_study.SAME_AS.items():
-        configs = REPO / "experiments/configs/cifar10_50"
-        theirs, mine = load_config(configs / config), load_config(configs / "base.yaml", teacher_study.ARMS[arm])
+    # a choice recipe's commands (teacher.yaml for the one in use) resolve to its arm's recipe: base.yaml + the
+    # arm's overrides; teacher.yaml holds the recipe in use and no other
+    configs = REPO / "experiments/configs/cifar10_50"
+    for recipe, (_, arm) in teacher_study.CHOICE.items():
+        config, overrides = teacher_study.recipe_config(recipe)
+        theirs, mine = load_config(configs / config, overrides), load_config(configs / "base.yaml", teacher_study.ARMS[arm])
         assert theirs.to_dict() == mine.to_dict()
+        assert (load_config(configs / "teacher.yaml").to_dict() == mine.to_dict()) == (recipe == teacher_study.IN_USE)
+    assert cifar10_50.MAIN_TEACHER == teacher_study.CHOICE[teacher_study.IN_USE][0]
     put(repro.kept(repro.probe_file("random")), {"val_knn_top1": 21.0, "test_knn_top1": 20.0,
                                                  "val_top1": 20.0, "test_top1": 19.0, "probe_lr": 1.0})
     put(repro.kept(repro.probe_file("study_e400")), {"val_knn_top1": 40.5, "test_knn_top1": 39.0, "val_top1": 41.0,
@@ -453,6 +457,34 @@ def test_teacher_choice_runs_both_recipes_with_two_seeds_and_picks_on_mean_linea
     assert "| **t0.2_blur: mean ± sd** | | 2 |" in doc and "1.0 (0.1/1/10; inside)" in doc
     put(repro.kept(repro.probe_file("m0.4_k128_t0.1_e400_seed1")), {"val_top1": 36.0})
     assert choice.winner()[0] == "t0.1_noblur"
+
+
+def test_a_changed_teacher_choice_keeps_the_runs_of_both_recipes(repro, monkeypatch):
+    """When the choice picks the other recipe, its commands move to teacher.yaml and the former one's to
+    base.yaml + overrides: the runs made in either form stay done (the engine knows a run by the config it
+    wrote), unless teacher.yaml has not been given the new recipe (then its run is stale)."""
+    choice = teacher_study.TeacherChoice(runs=repro.runs, records=repro.records, results=repro.results)
+
+    def record(step):
+        put(repro.kept(repro.record_path(step)), {"name": step.name, "argv": ["raypipe", *step.argv], "rc": 0})
+        args = build_parser().parse_args(step.argv[:2] + step.argv[step.argv.index("--config"):])
+        overrides = step.argv[2:step.argv.index("--config")]
+        cfg = load_config(args.config, [*overrides, f"name={args.name}", "data.root=DATA"])
+        repro.kept(repro.runs / args.name / "config.yaml").parent.mkdir(parents=True, exist_ok=True)
+        cfg.dump(repro.kept(repro.runs / args.name / "config.yaml"))
+
+    made = [s for s in choice.steps("DATA") if s.argv[0] == "pretrain"]
+    for step in made:
+        record(step)
+    assert all(choice.succeeded(s) for s in made)
+    other = next(r for r in teacher_study.CHOICE if r != teacher_study.IN_USE)
+    monkeypatch.setattr(teacher_study, "IN_USE", other)   # the choice changed; teacher.yaml not yet
+    moved = {s.name: s for s in choice.steps("DATA") if s.argv[0] == "pretrain"}
+    assert {n: s.argv for n, s in moved.items()} != {s.name: s.argv for s in made}   # commands rewritten
+    for name, step in moved.items():
+        in_use = "experiments/configs/cifar10_50/teacher.yaml" in step.argv
+        assert in_use == name.startswith(f"pretrain_{teacher_study.CHOICE[other][0]}")
+        assert choice.succeeded(step) != in_use, name   # teacher.yaml still holds the former recipe: stale
 
 
 def test_a_rerun_step_is_not_a_dropped_record_and_steps_out_of_the_plan_stay_listed(repro):
