@@ -462,7 +462,8 @@ class Runner:
 
     def commands_block(self, steps: list[Step]) -> list[str]:
         """The recorded commands in order, each with its step, wall time and exit code; a stale one (an input
-        re-made after it ran) says so."""
+        re-made after it ran, its config file edited since, or a planned command that is not the same run:
+        the table's cells still show the recorded run) says so."""
         lines = []
         for i, step in enumerate(steps):
             rec = self.load(self.record_path(step))
@@ -472,6 +473,8 @@ class Runner:
                 if rec["argv"] == ["raypipe", *step.argv] and (changed := self.config_changes(step)):
                     note += "; STALE: its config changed since it ran: " + ", ".join(
                         f"{k} {then} -> {now}" for k, (then, now) in changed.items())
+                elif rec["rc"] == 0 and not self.succeeded(step):   # its table cells are of another run
+                    note += f"; STALE: the plan runs it again as: raypipe {' '.join(step.argv)}"
                 lines.append(f"{' '.join(rec['argv'])}   # {rec['name']}: {rec['wall_s'] / 60:.1f} min, "
                              f"exit {rec['rc']}{note}")
         return lines

@@ -540,3 +540,7 @@ def test_an_edited_config_makes_its_step_stale_and_a_rewritten_command_resolving
                   ["pretrain", "E", "teacher.epochs=400", "teacher.seed=1", "--config", str(base), "--name",
                    "teacher_t"]):                                                       # other data
         assert not repro.succeeded(Step("pretrain_t", other, repro.teacher_file("t"))), other
+        # the table's cells are still the recorded run's: its command line says the plan runs it again
+        assert f"STALE: the plan runs it again as: raypipe {' '.join(other)}" in \
+            repro.commands_block([Step("pretrain_t", other, repro.teacher_file("t"))])[0]
+    assert "STALE" not in repro.commands_block([moved])[0]
