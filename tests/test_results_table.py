@@ -155,7 +155,11 @@ def test_table_statistics_and_val_decisions(repro):
     assert ("paired by seed: best-val epoch (the headline rule): **3.00 ± 2.65** (1.00, 2.00, 6.00), seeds 0,1,2; "
             "final epoch: - (not run under this rule yet). Tiny ImageNet-50, the same comparison (its table below; "
             "best-val epoch, seed means of 2 and 1 seed(s)): -3.00.") in doc
-    assert "| `supervised_budget.yaml` | 0,1,2 |" in rows["supervised from scratch, 520 epochs (the wall time of phase 1 + phase 2)"]
+    assert "| `supervised_budget.yaml` | 0,1,2 |" in rows["supervised from scratch, 520 epochs (the budget row)"]
+    # its cost against the teacher + one student of the chosen lambda, by FLOPs ((400 + 60) x 4/3 = 613 epochs)
+    # and by the records' wall time (no teacher record here: -)
+    assert "the budget row, meant to cost what the teacher + one student cost (0.85x their FLOPs, which 613 " \
+           "epochs would match; - their wall time by the records: 1.0 min of training per seed against - + 1.0 min)" in doc
     assert "(lambda chosen on val) minus supervised: **+2.50 points**" in doc   # (39 + 42)/2 - (37.5 + 38.5)/2
     assert "| 0,1 | **36.00 ± 0.00** (36.00, 36.00) | **38.00 ± 0.71** (37.50, 38.50) |" in doc
     assert "lambda 2.5e-5; chosen on val)" in doc and "lambda 1e-4)" in doc
