@@ -50,9 +50,11 @@ BEFORE = {"supervised": 41.27, "probe": 28.71, "finetune": 42.08, "distill": 39.
 # recipe -> its config file (in experiments/configs/cifar10_50); "tricks" = the val-chosen distillation recipe + TRICKS
 RECIPES = {"supervised": "supervised.yaml", "finetune": "finetune.yaml", "distill": "distill.yaml",
            "distill_l1e-4": "distill_l1e-4.yaml", "supervised_budget": "supervised_budget.yaml",
+           "supervised_flops": "supervised_flops.yaml",
            "s1_supervised": "stride1_supervised.yaml", "s1_distill": "stride1_distill.yaml",
            "s1_distill_l2.5e-5": "stride1_distill_l2.5e-5.yaml"}
-SUPERVISED = ("supervised", "supervised_budget", "s1_supervised")  # rows without a teacher
+SUPERVISED = ("supervised", "supervised_budget", "supervised_flops", "s1_supervised")  # rows without a teacher
+BUDGET_ROWS = ("supervised_budget", "supervised_flops")   # supervised for 0.85x / 1.00x phase 1 + phase 2's FLOPs
 DISTILL_CANDIDATES = ("distill", "distill_l1e-4")  # lambda 1e-3 vs 1e-4, picked on val (seed 0)
 S1_DISTILL_CANDIDATES = ("s1_distill", "s1_distill_l2.5e-5")  # the same choice for the stride-1 stem
 TRICKS = ["student.autoaugment=cifar10", "student.label_smoothing=0.1"]
@@ -121,10 +123,10 @@ class Cifar10(Runner):
                 for split in ("val", "test")]
 
     def stage_followups(self, data: str) -> list[Step]:
-        """After the goal miss: the supervised baseline given phase 1 + phase 2's wall time (every seed),
+        """After the goal miss: the supervised baselines given 0.85x and 1.00x phase 1 + phase 2's FLOPs (every seed),
         then (seed 0 each) the stride-1 stem for phase 1 + phase 2 (both stride-1 lambdas, the table
         picks on val) and its own supervised baseline."""
-        steps = [step for seed in SEEDS for step in self.student(data, "supervised_budget", seed)]
+        steps = [step for recipe in BUDGET_ROWS for seed in SEEDS for step in self.student(data, recipe, seed)]
         steps += self.pretrain(data, STRIDE1_TEACHER) + self.student(data, "s1_distill", 0, teacher=STRIDE1_TEACHER)
         steps += self.student(data, "s1_supervised", 0)
         return steps + self.student(data, "s1_distill_l2.5e-5", 0, teacher=STRIDE1_TEACHER)
@@ -178,7 +180,9 @@ class Cifar10(Runner):
             rows.append(f"{self.seeds_row(label, recipe, seeds, means)} {final} | {fmt(BEFORE.get(recipe))} | {paper} |")
 
         multi("supervised from scratch", "supervised", "27.9")
-        multi(f"supervised from scratch, {self.budget_epochs()} epochs (the budget row)", "supervised_budget", "-")
+        for recipe in BUDGET_ROWS:
+            multi(f"supervised from scratch, {self.budget_epochs(recipe)} epochs ({self.flops_share(recipe)} the FLOPs "
+                  "of phase 1 + phase 2)", recipe, "-")
         probe = self.load(self.probe_file(MAIN_TEACHER)) or {}
         rows.append(f"| phase 1 + linear probe | `{TEACHERS[MAIN_TEACHER]}` | {'0' if probe else '-'} | "
                     f"{fmt(probe.get('val_top1'))} | {fmt(probe.get('test_top1'))} | "
@@ -195,8 +199,13 @@ class Cifar10(Runner):
                 multi(f"phase 1 + phase 2 (OFD, {lam})", recipe, "-", seeds=(0,))
         return rows, means
 
-    def budget_epochs(self) -> int:
-        return yaml.safe_load((REPO / self.configs / RECIPES["supervised_budget"]).read_text())["student"]["epochs"]
+    def budget_epochs(self, recipe: str = "supervised_budget") -> int:
+        return yaml.safe_load((REPO / self.configs / RECIPES[recipe]).read_text())["student"]["epochs"]
+
+    def flops_share(self, recipe: str) -> str:
+        """A budget row's epochs as a share of phase 1 + phase 2's FLOPs (the lambda is not needed: every
+        distillation candidate trains the same epochs)."""
+        return f"{self.budget_epochs(recipe) / self.flops_matched_epochs(DISTILL_CANDIDATES[0]):.2f}x"
 
     def flops_matched_epochs(self, chosen: str) -> int:
         """Supervised epochs of the FLOPs of the teacher + one student of ``chosen``: a MoCo epoch (the query
@@ -208,10 +217,10 @@ class Cifar10(Runner):
         student = load_config(REPO / self.configs / RECIPES[chosen]).student.epochs
         return round((teacher + student) * 4 / 3)
 
-    def budget_cost(self, chosen: str) -> str:
-        """What the budget row cost against the teacher + one student: by FLOPs, and by the recorded wall time."""
-        budget, flops = self.budget_epochs(), self.flops_matched_epochs(chosen)
-        spent = mean_or_none([self.wall_min(f"supervised_budget_s{s}") for s in SEEDS])
+    def budget_cost(self, chosen: str, recipe: str = "supervised_budget") -> str:
+        """What a budget row cost against the teacher + one student: by FLOPs, and by the recorded wall time."""
+        budget, flops = self.budget_epochs(recipe), self.flops_matched_epochs(chosen)
+        spent = mean_or_none([self.wall_min(f"{recipe}_s{s}") for s in SEEDS])
         student = mean_or_none([self.wall_min(f"{chosen}_s{s}") for s in SEEDS])
         teacher = self.wall_min(f"pretrain_{MAIN_TEACHER}")
         method = teacher + student if teacher is not None and student is not None else None
@@ -247,7 +256,10 @@ class Cifar10(Runner):
                 "Goal: >= +5.\n\n"
                 f"Phase 1 + phase 2 minus supervised trained for {self.budget_epochs()} epochs, the budget row, "
                 f"meant to cost what the teacher + one student cost ({self.budget_cost(chosen)}), paired by seed: "
-                f"{self.paired(chosen, 'supervised_budget')}. Tiny ImageNet-50, the same "
+                f"{self.paired(chosen, 'supervised_budget')}. Minus supervised trained for "
+                f"{self.budget_epochs('supervised_flops')} epochs, the FLOPs-matched row "
+                f"({self.budget_cost(chosen, 'supervised_flops')}), paired by seed: "
+                f"{self.paired(chosen, 'supervised_flops')}. Tiny ImageNet-50, the same "
                 f"comparison (its table below; best-val epoch, seed means of {n_distill} and {n_budget} seed(s)): "
                 f"{fmt(tin_gap, '+.2f')}.")
 

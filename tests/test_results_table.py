@@ -153,9 +153,12 @@ def test_table_statistics_and_val_decisions(repro):
     assert rows["0"].startswith("| 0 | 480 |") and "| 27.00 | +7.00 | - | - | 28.93 / 26.33 |" in rows["0"]
     # minus the budget-matched run, paired: 41-40, 43-41, 48-42; Tiny ImageNet's: (16 + 17)/2 - 19.5
     assert ("paired by seed: best-val epoch (the headline rule): **3.00 ± 2.65** (1.00, 2.00, 6.00), seeds 0,1,2; "
-            "final epoch: - (not run under this rule yet). Tiny ImageNet-50, the same comparison (its table below; "
-            "best-val epoch, seed means of 2 and 1 seed(s)): -3.00.") in doc
-    assert "| `supervised_budget.yaml` | 0,1,2 |" in rows["supervised from scratch, 520 epochs (the budget row)"]
+            "final epoch: - (not run under this rule yet). Minus supervised trained for 613 epochs") in doc
+    assert ("paired by seed: best-val epoch (the headline rule): - (not run under this rule yet); final epoch: - (not "
+            "run under this rule yet). Tiny ImageNet-50, the same comparison (its table below; best-val epoch, seed "
+            "means of 2 and 1 seed(s)): -3.00.") in doc   # the FLOPs-matched row, not run
+    assert "| `supervised_budget.yaml` | 0,1,2 |" in \
+        rows["supervised from scratch, 520 epochs (0.85x the FLOPs of phase 1 + phase 2)"]
     # its cost against the teacher + one student of the chosen lambda, by FLOPs ((400 + 60) x 4/3 = 613 epochs)
     # and by the records' wall time (no teacher record here: -)
     assert "the budget row, meant to cost what the teacher + one student cost (0.85x their FLOPs, which 613 " \
@@ -548,3 +551,21 @@ def test_an_edited_config_makes_its_step_stale_and_a_rewritten_command_resolving
         assert f"STALE: the plan runs it again as: raypipe {' '.join(other)}" in \
             repro.commands_block([Step("pretrain_t", other, repro.teacher_file("t"))])[0]
     assert "STALE" not in repro.commands_block([moved])[0]
+
+
+def test_the_flops_matched_row_costs_what_the_teacher_and_a_student_cost(repro):
+    """(teacher epochs + student epochs) x 4/3 supervised epochs (a MoCo or distillation epoch: one more
+    forward than a supervised one's forward + backward), for every distillation candidate; its runs read
+    no teacher."""
+    configs = REPO / "experiments" / "configs" / "cifar10_50"
+    teacher = load_config(configs / "teacher.yaml").teacher.epochs
+    for recipe in cifar10_50.DISTILL_CANDIDATES:
+        student = load_config(configs / cifar10_50.RECIPES[recipe]).student.epochs
+        assert repro.flops_matched_epochs(recipe) == round((teacher + student) * 4 / 3) == \
+            repro.budget_epochs("supervised_flops")
+    assert repro.budget_epochs("supervised_budget") < repro.budget_epochs("supervised_flops")
+    assert repro.flops_share("supervised_flops") == "1.00x"
+    flops = [s for s in repro.known_steps("DATA") if s.name.startswith("supervised_flops_s")]
+    assert [s.name for s in flops] == [f"supervised_flops_s{seed}" for seed in cifar10_50.SEEDS]
+    assert all("--teacher" not in s.argv and str(configs.relative_to(REPO) / "supervised_flops.yaml") in s.argv
+               for s in flops)
