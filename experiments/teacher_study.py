@@ -167,8 +167,13 @@ class TeacherChoice(TeacherStudy):
                         "(`python experiments/teacher_study.py --only choice` runs them). teacher.yaml holds "
                         f"{IN_USE}, the one-run study's pick.")
         else:
+            means = {r: statistics.mean(v) for r, v in vals.items()}
+            margin = means[winner] - max(m for r, m in means.items() if r != winner)
+            spread = max(statistics.stdev(v) for v in vals.values())
             decision = (f"Chosen on mean linear val: **{winner}** "
-                        f"({' vs '.join(f'{r} {statistics.mean(v):.2f}' for r, v in vals.items())}). "
+                        f"({' vs '.join(f'{r} {m:.2f}' for r, m in means.items())}: {margin:+.2f}, against a sd "
+                        f"between seeds of up to {spread:.2f} within a recipe"
+                        + ("; the rule decides, the seeds do not separate the recipes). " if margin < spread else "). ")
                         + ("teacher.yaml holds it." if winner == IN_USE else
                            f"teacher.yaml holds {IN_USE}: it must change, and what depends on it re-run."))
         return "\n".join([

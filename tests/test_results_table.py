@@ -459,7 +459,8 @@ def test_teacher_choice_runs_both_recipes_with_two_seeds_and_picks_on_mean_linea
     assert choice.winner() == ("t0.2_blur", {"t0.2_blur": [36.0, 38.0], "t0.1_noblur": [39.0, 34.0]})
     choice.write_block(choice.block())
     doc = repro.results.read_text()
-    assert "Chosen on mean linear val: **t0.2_blur** (t0.2_blur 37.00 vs t0.1_noblur 36.50)" in doc
+    assert ("Chosen on mean linear val: **t0.2_blur** (t0.2_blur 37.00 vs t0.1_noblur 36.50: +0.50, against a sd "
+            "between seeds of up to 3.54 within a recipe; the rule decides, the seeds do not separate the recipes).") in doc
     assert "teacher.yaml holds t0.1_noblur: it must change" in doc
     assert "| **t0.2_blur: mean ± sd** | | 2 |" in doc and "1.0 (0.1/1/10; inside)" in doc
     put(repro.kept(repro.probe_file("m0.4_k128_t0.1_e400_seed1")), {"val_top1": 36.0})
