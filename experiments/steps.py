@@ -265,6 +265,7 @@ class Runner:
         import yaml
 
         from raypipe.config import Config, load_config
+        from raypipe.errors import ConfigError
 
         (command, _), overrides, opts = split_argv(step.argv)
         if command not in RUN_COMMANDS or "--config" not in opts or "--name" not in opts:
@@ -272,8 +273,14 @@ class Runner:
         kept = self.kept(self.runs / opts["--name"] / "config.yaml")
         if not kept.is_file():
             return None
-        then = flat_config(Config.from_dict(yaml.safe_load(kept.read_text())).to_dict())
-        now = flat_config(load_config(opts["--config"], overrides).to_dict())
+        try:   # a kept config the current Config cannot read (a key removed since): nothing to compare
+            then = flat_config(Config.from_dict(yaml.safe_load(kept.read_text())).to_dict())
+        except (ConfigError, ValueError, TypeError):
+            return None
+        try:
+            now = flat_config(load_config(opts["--config"], overrides).to_dict())
+        except ConfigError as exc:   # the command no longer resolves (a config file gone or broken)
+            return {"--config": (opts["--config"], f"does not resolve now: {exc}")}
         return {k: (then.get(k), now.get(k)) for k in sorted(then.keys() | now.keys()) if then.get(k) != now.get(k)}
 
     def remade_inputs(self, step: Step, earlier: list[Step]) -> list[Step]:

@@ -169,7 +169,7 @@ class TeacherChoice(TeacherStudy):
         else:
             means = {r: statistics.mean(v) for r, v in vals.items()}
             margin = means[winner] - max(m for r, m in means.items() if r != winner)
-            spread = max(statistics.stdev(v) for v in vals.values())
+            spread = max((statistics.stdev(v) for v in vals.values() if len(v) > 1), default=0.0)
             decision = (f"Chosen on mean linear val: **{winner}** "
                         f"({' vs '.join(f'{r} {m:.2f}' for r, m in means.items())}: {margin:+.2f}, against a sd "
                         f"between seeds of up to {spread:.2f} within a recipe"

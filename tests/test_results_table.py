@@ -552,6 +552,8 @@ def test_an_edited_config_makes_its_step_stale_and_a_rewritten_command_resolving
         assert f"STALE: the plan runs it again as: raypipe {' '.join(other)}" in \
             repro.commands_block([Step("pretrain_t", other, repro.teacher_file("t"))])[0]
     assert "STALE" not in repro.commands_block([moved])[0]
+    recipe.unlink()   # the config file the recorded command names is gone: it no longer resolves, not done
+    assert "does not resolve now" in repro.config_changes(step)["--config"][1] and not repro.succeeded(step)
 
 
 def test_the_flops_matched_row_costs_what_the_teacher_and_a_student_cost(repro):
