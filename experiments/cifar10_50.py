@@ -23,14 +23,13 @@ import sys
 from pathlib import Path
 from typing import ClassVar
 
-import yaml
-
 if __package__ in (None, ""):  # `python experiments/cifar10_50.py`: import from the repository
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments.steps import (EPOCHS_NOTE, REPO, NotDecided, Runner, Step, decided, fmt, gain,  # noqa: E402
                                kept_cell, mean_or_none, runner_args, seeds_cell)
 from experiments.teacher_study import CHOICE, IN_USE, TeacherChoice, TeacherStudy  # noqa: E402
 from experiments.tinyimagenet_50 import TinyImageNet  # noqa: E402
+from raypipe.config import load_config  # noqa: E402
 
 SEEDS = (0, 1, 2)
 # teacher name -> config: the phase-2 teacher (teacher.yaml: the recipe the teacher choice of
@@ -200,7 +199,7 @@ class Cifar10(Runner):
         return rows, means
 
     def budget_epochs(self, recipe: str = "supervised_budget") -> int:
-        return yaml.safe_load((REPO / self.configs / RECIPES[recipe]).read_text())["student"]["epochs"]
+        return load_config(REPO / self.configs / RECIPES[recipe]).student.epochs
 
     def flops_share(self, recipe: str) -> str:
         """A budget row's epochs as a share of phase 1 + phase 2's FLOPs (the lambda is not needed: every
@@ -212,7 +211,6 @@ class Cifar10(Runner):
         encoder's forward and backward, the key encoder's forward) and a distillation epoch (the student's
         forward and backward, the teacher's forward) each cost about 4/3 of a supervised epoch (a backward
         ~ 2 forwards)."""
-        from raypipe.config import load_config
         teacher = load_config(REPO / self.configs / TEACHERS[MAIN_TEACHER]).teacher.epochs
         student = load_config(REPO / self.configs / RECIPES[chosen]).student.epochs
         return round((teacher + student) * 4 / 3)

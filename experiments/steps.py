@@ -477,9 +477,10 @@ class Runner:
             if rec:
                 remade = self.remade_inputs(step, steps[:i])
                 note = f"; STALE: made from an earlier {', '.join(s.name for s in remade)}" if remade else ""
-                if rec["argv"] == ["raypipe", *step.argv] and (changed := self.config_changes(step)):
-                    note += "; STALE: its config changed since it ran: " + ", ".join(
-                        f"{k} {then} -> {now}" for k, (then, now) in changed.items())
+                if rec["argv"] == ["raypipe", *step.argv]:
+                    if changed := self.config_changes(step):
+                        note += "; STALE: its config changed since it ran: " + ", ".join(
+                            f"{k} {then} -> {now}" for k, (then, now) in changed.items())
                 elif rec["rc"] == 0 and not self.succeeded(step):   # its table cells are of another run
                     note += f"; STALE: the plan runs it again as: raypipe {' '.join(step.argv)}"
                 lines.append(f"{' '.join(rec['argv'])}   # {rec['name']}: {rec['wall_s'] / 60:.1f} min, "
