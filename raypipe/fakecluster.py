@@ -82,6 +82,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def session_dir(dashboard: str, headers: dict | None = None) -> Path:
+    """The session folder (logs, sockets) of the cluster whose dashboard is at ``dashboard``, named by
+    the cluster itself (``/api/version``). Not ``session_latest``: Ray re-points that link for the
+    newest head on the host, and never again once its target is gone (a dangling link is left as it
+    is), so after someone removes old sessions it names a folder that no longer exists."""
+    from urllib.request import Request, urlopen
+    from ray._common.utils import get_default_ray_temp_dir
+    with urlopen(Request(f"{dashboard}/api/version", headers=headers or {}), timeout=30) as reply:
+        name = json.load(reply)["session_name"]
+    return Path(get_default_ray_temp_dir(), name)
+
+
 def _ray_bin() -> str:
     return shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
 
@@ -124,8 +136,7 @@ class FakeCluster:
         if done.returncode != 0:
             raise RuntimeError(f"ray start failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
         self.wait_for_dashboard(timeout)
-        from ray._common.utils import get_default_ray_temp_dir
-        self.session_dir = Path(get_default_ray_temp_dir(), "session_latest").resolve()   # this head's session
+        self.session_dir = session_dir(self.address, self.headers())
         return self
 
     def wait_for_dashboard(self, timeout: float) -> None:

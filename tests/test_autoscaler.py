@@ -13,7 +13,7 @@ import yaml
 
 from raypipe import storage
 from raypipe.cluster import CLUSTER_CONFIG_ENV, DRIVER_RESOURCE
-from raypipe.fakecluster import HEAD_TYPE, FakeCluster, derive, parse_autoscaler_status
+from raypipe.fakecluster import HEAD_TYPE, FakeCluster, derive, parse_autoscaler_status, session_dir
 
 REPO = Path(__file__).resolve().parents[1]
 # cluster.yaml's 8-CPU nodes as 2-CPU raylets on this 2-core machine (CPUs are logical). The head gets
@@ -97,6 +97,30 @@ Pending Demands:
     assert first == {"cpus": 4.0, "requested": [({"CPU": 0.5, "GPU": 1.0}, 2), ({"CPU": 1}, 30)],
                      "pending": [({"CPU": 0.5, "GPU": 1.0}, 3), ({"CPU": 1.0}, 1)]}
     assert second == {"cpus": 20.0, "requested": [], "pending": []}
+
+
+def test_a_clusters_session_folder_is_the_one_it_names_even_when_session_latest_dangles(ray_cluster, tmp_path):
+    """The autoscaler's log is read from the session folder the cluster names. ``session_latest`` is
+    not it: once its target is removed (old sessions cleared to free disk), Ray leaves the link
+    dangling and never re-points it, and CI failed reading monitor.log from a removed folder."""
+    import os
+    from ray._common.utils import get_default_ray_temp_dir
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+    from ray._private.worker import get_dashboard_url, global_worker
+    mine = Path(global_worker.node.get_session_dir_path())
+    link = Path(get_default_ray_temp_dir(), "session_latest")
+    kept = os.readlink(link) if link.is_symlink() else None
+    gone = tmp_path / "session_removed"
+    try:
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(gone)              # as the link is after someone removed its session
+        assert session_dir(f"http://{get_dashboard_url()}", get_auth_headers_if_auth_enabled({})) == mine
+        assert (mine / "logs").is_dir() and not link.exists()
+    finally:
+        link.unlink(missing_ok=True)
+        if kept is not None:
+            link.symlink_to(kept)
 
 
 # ---- the real autoscaler, the Jobs API, the main job -----------------------------------------------
