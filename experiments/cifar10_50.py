@@ -223,7 +223,8 @@ class Cifar10(Runner):
         teacher = self.wall_min(f"pretrain_{MAIN_TEACHER}")
         method = teacher + student if teacher is not None and student is not None else None
         wall = f"{spent / method:.2f}x" if spent is not None and method is not None else "-"
-        return (f"{budget / flops:.2f}x their FLOPs, which {flops} epochs would match; {wall} their wall time by the "
+        match = "" if budget == flops else f", which {flops} epochs would match"
+        return (f"{budget / flops:.2f}x their FLOPs{match}; {wall} their wall time by the "
                 f"records: {fmt(spent, '.1f')} min of training per seed against {fmt(teacher, '.1f')} + "
                 f"{fmt(student, '.1f')} min")
 

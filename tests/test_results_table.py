@@ -163,6 +163,7 @@ def test_table_statistics_and_val_decisions(repro):
     # and by the records' wall time (no teacher record here: -)
     assert "the budget row, meant to cost what the teacher + one student cost (0.85x their FLOPs, which 613 " \
            "epochs would match; - their wall time by the records: 1.0 min of training per seed against - + 1.0 min)" in doc
+    assert "the FLOPs-matched row (1.00x their FLOPs; - their wall time" in doc   # matched: no "would match"
     assert "(lambda chosen on val) minus supervised: **+2.50 points**" in doc   # (39 + 42)/2 - (37.5 + 38.5)/2
     assert "| 0,1 | **36.00 ± 0.00** (36.00, 36.00) | **38.00 ± 0.71** (37.50, 38.50) |" in doc
     assert "lambda 2.5e-5; chosen on val)" in doc and "lambda 1e-4)" in doc
