@@ -19,7 +19,7 @@ images) gives the reported numbers only.
 Models are not committed (the teacher, 46 MB, was until issue 41): on a machine without
 runs/tinyimagenet_50/teacher_teacher/teacher.pt, a student still to train that starts from it first
 re-makes it by running `pretrain_teacher` again (about 85-98 min on 2 cores; its record is then the
-re-made run's). With --only, add it: `--only pretrain_teacher distill_s2 ...`.
+re-made run's). With --only, add it: `--only pretrain_teacher distill_s1 ...`.
 """
 from __future__ import annotations
 

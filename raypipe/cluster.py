@@ -181,7 +181,7 @@ def ensure_ray(**init_kwargs) -> None:
         if "address" not in init_kwargs and not os.environ.get("RAY_ADDRESS"):
             job_env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"  # one local node: nothing to preempt
         # No worker_process_setup_hook here: with one, Ray Data's task workers are not reused and a
-        # phase-1 epoch ran 6x slower (docs/benchmarks.md).
+        # phase-1 epoch ran about 3x slower (docs/benchmarks.md, section 4).
         runtime_env["env_vars"] = {**job_env, **runtime_env.get("env_vars", {})}
         if not verbose():
             init_kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="ERROR"))  # the job's workers

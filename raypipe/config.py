@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from .errors import ConfigError
-from .registry import REGISTRIES
+from .registry import REGISTRIES, load_plugins
 from .settings import (DataConfig, OptimConfig, ResourcesConfig, Section, StudentConfig, TeacherConfig,  # noqa: F401
                        TuneConfig, opt)
 
@@ -280,6 +280,7 @@ def _dotted(node: dict, prefix: str = ""):
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     """YAML file (optional) + dotted overrides -> validated Config. No Ray is touched."""
+    load_plugins()   # first, outside validation: a plug-in that fails to import is named as such
     raw: dict = Config().to_dict()
     source = ""
     if path is not None:

@@ -3,7 +3,10 @@
 selected by ``student.mode``. A registry maps a config name to a class. The built-in plug-ins
 (``raypipe.methods``, ``raypipe.distillers``) register themselves when the registry is first
 used; one registered from a script, notebook or test file needs no edit to raypipe
-(``raypipe.methods.register_method``, ``raypipe.distillers.register_distiller``).
+(``raypipe.methods.register_method``, ``raypipe.distillers.register_distiller``). So that the
+``raypipe`` command and ``tune_margin.py`` can run plug-ins defined elsewhere, the modules an
+installed package declares in the entry-point group ``raypipe.plugins`` and those named in
+``$RAYPIPE_PLUGINS`` (comma-separated, importable from ``sys.path``) are imported then too.
 
 The driver resolves the names once, before any Ray resource is asked for, and sends the registered
 classes with the config to Train workers and Tune trials (``snapshot`` / ``install``); a class
@@ -12,6 +15,7 @@ import the file that defined it.
 """
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import MutableMapping
 from importlib import import_module
@@ -20,6 +24,32 @@ from typing import Callable, TypeVar
 from .errors import ConfigError
 
 T = TypeVar("T", bound=type)
+PLUGINS_ENV = "RAYPIPE_PLUGINS"     # plug-in modules to import, comma-separated
+PLUGINS_GROUP = "raypipe.plugins"   # entry-point group of installed packages' plug-in modules
+_plugins_pending = True
+
+
+def plugin_modules() -> list[tuple[str, str]]:
+    """(module, where it is declared) of every plug-in module: entry points, then ``$RAYPIPE_PLUGINS``."""
+    from importlib.metadata import entry_points
+    found = [(ep.value.split(":")[0].strip(), f"entry point {ep.name!r} of {ep.dist.name if ep.dist else '?'}")
+             for ep in entry_points(group=PLUGINS_GROUP)]
+    return found + [(m.strip(), f"${PLUGINS_ENV}") for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
+
+
+def load_plugins() -> None:
+    """Import every plug-in module (:func:`plugin_modules`) once per process; one that fails is a
+    config error naming it and where it was declared."""
+    global _plugins_pending
+    if not _plugins_pending:
+        return
+    _plugins_pending = False    # first: a plug-in's own registration comes back here
+    for module, where in plugin_modules():
+        try:
+            import_module(module)
+        except Exception as exc:
+            raise ConfigError(f"plug-in module {module!r} ({where}) failed to import: "
+                              f"{type(exc).__name__}: {exc}") from exc
 
 
 class Registry(MutableMapping):
@@ -33,6 +63,7 @@ class Registry(MutableMapping):
     def _load(self) -> dict:
         while self._builtins:
             import_module(self._builtins.pop())
+        load_plugins()
         return self._classes
 
     def __getitem__(self, name: str) -> type:
@@ -91,6 +122,10 @@ def snapshot() -> dict[str, dict[str, type]]:
 
 
 def install(classes: dict[str, dict[str, type]] | None) -> None:
-    """Register classes sent by the driver (``snapshot``) in this process (a worker or trial)."""
+    """Register classes sent by the driver (``snapshot``) in this process (a worker or trial). The
+    plug-in modules are not imported here: their classes came with the snapshot, and a module the
+    driver found may not be importable on a worker's node."""
+    global _plugins_pending
+    _plugins_pending = False
     for section, named in (classes or {}).items():
         REGISTRIES[section].update(named)

@@ -1,6 +1,6 @@
 """Phase 1: the teacher, trained by the method ``teacher.method`` selects (raypipe.methods;
 default MoCo v2 with the margin loss), with a k-NN monitor on val. ``run`` is the worker loop
-(no Ray: it runs over any ``loop.Session``); ``PHASE`` is what the phase runner
+(no Ray: it runs over any ``loop.Session``); ``TeacherPhase`` is what the phase runner
 (``raypipe.phase``) needs to launch it on Ray Train."""
 from __future__ import annotations
 

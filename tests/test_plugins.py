@@ -293,6 +293,53 @@ def test_config_keys_lists_the_plugins_keys_and_config_prints_its_section(capsys
     assert len(err.strip().splitlines()) == 1 and "teacher.multicrop.small_resolution" in err
 
 
+
+# ---- (b') plug-ins defined outside this process reach the `raypipe` command ------------------------
+OUTSIDE_PLUGIN = """
+from raypipe.distillers import Distiller, register_distiller
+from raypipe.settings import Section, opt
+
+
+class OutsideSettings(Section):
+    weight: float = opt(0.5, "a weight of the plug-in's own", ge=0.0)
+
+
+@register_distiller("outside_kd")
+class OutsideKD(Distiller):
+    Settings = OutsideSettings
+"""
+
+
+def test_the_raypipe_command_imports_plugins_from_entry_points_and_the_environment(tmp_path):
+    """The shell command has no script to import a plug-in first: it imports the modules installed
+    packages declare (entry-point group ``raypipe.plugins``) and those in ``$RAYPIPE_PLUGINS``."""
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "outside_plugin.py").write_text(OUTSIDE_PLUGIN)
+    dist = tmp_path / "site" / "outside_pkg-1.0.dist-info"     # an installed package, as pip leaves it
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: outside-pkg\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[raypipe.plugins]\nkd = outside_plugin\n")
+    base = {k: v for k, v in os.environ.items() if k not in ("RAYPIPE_PLUGINS", "PYTHONPATH")}
+
+    def config(*args, path=(tmp_path,), plugins=None):
+        env = {**base, "PYTHONPATH": os.pathsep.join(map(str, path)), **({"RAYPIPE_PLUGINS": plugins} if plugins else {})}
+        return subprocess.run([sys.executable, "-m", "raypipe.cli", "config", *args], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    override = ["student.mode=outside_kd", "student.outside_kd.weight=0.25"]
+    plain = config(*override)                                    # importable, but nothing names it
+    assert plain.returncode == 2 and "student.outside_kd.weight" in plain.stderr
+    for done in (config(*override, plugins="outside_plugin"),                 # named in the environment
+                 config(*override, path=(tmp_path, tmp_path / "site"))):      # declared by an installed package
+        assert done.returncode == 0, done.stderr
+        assert yaml.safe_load(done.stdout)["student"]["outside_kd"]["weight"] == 0.25
+    bad = config(plugins="outside_plugin, no_such_plugin")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "'no_such_plugin' ($RAYPIPE_PLUGINS) failed to import: ModuleNotFoundError" in bad.stderr
+
+
 # ---- (c) and (e) its search space reaches the main job's -----------------------------------------
 def test_the_plugins_search_spaces_reach_the_main_jobs():
     from ray.tune.search.sample import Categorical, Float

@@ -33,7 +33,7 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         n, c, h, w = x.shape
         s = self.num_splits
         if n % s:
-            raise ValueError(f"batch of {n} does not split into {s} BatchNorm groups (teacher.bn_splits)")
+            raise ValueError(f"batch of {n} does not split into {s} BatchNorm groups (teacher.moco.bn_splits)")
         mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
         out = F.batch_norm(x.reshape(n // s, c * s, h, w), mean, var, self.weight.repeat(s), self.bias.repeat(s),
                            True, self.momentum, self.eps)
