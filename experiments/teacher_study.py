@@ -33,11 +33,11 @@ from experiments.steps import Runner, Step, fmt, gain, runner_args, seeds_cell  
 ARMS = {
     "study_e100": [],
     "study_e400": ["teacher.epochs=400", "teacher.knn_every=20"],
-    "study_e100_t0.1": ["teacher.temperature=0.1"],
-    "study_e400_t0.1_noblur": ["teacher.epochs=400", "teacher.knn_every=20", "teacher.temperature=0.1",
-                               "teacher.blur_prob=0"],
-    "study_e100_noblur": ["teacher.blur_prob=0"],
-    "study_e100_crop0.4": ["teacher.crop_min_scale=0.4"],
+    "study_e100_t0.1": ["teacher.moco.temperature=0.1"],
+    "study_e400_t0.1_noblur": ["teacher.epochs=400", "teacher.knn_every=20", "teacher.moco.temperature=0.1",
+                               "teacher.moco.blur_prob=0"],
+    "study_e100_noblur": ["teacher.moco.blur_prob=0"],
+    "study_e100_crop0.4": ["teacher.moco.crop_min_scale=0.4"],
     "study_e100_b64": ["teacher.batch_size=64"],
 }
 # the teacher choice: recipe -> (its teacher name at seed 0, the study arm whose recipe it is); seed s > 0

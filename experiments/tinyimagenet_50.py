@@ -41,7 +41,7 @@ DISTILL_CANDIDATES = ("distill", "distill_l1e-5")  # lambda 1e-4 vs 1e-5, chosen
 NATIVE = ["data.resolution=64", "data.decode_size=0"]  # the images' own size (the recipe halves it)
 # short phase-1 runs that test, on val, what keeps the teacher from learning: pilot -> overrides of base.yaml
 PILOTS = {"pilot_e10": ["teacher.epochs=10"],
-          "pilot_e10_m0": ["teacher.epochs=10", "teacher.margin=0"],
+          "pilot_e10_m0": ["teacher.epochs=10", "teacher.moco.margin=0"],
           "pilot_e10_lr0.03": ["teacher.epochs=10", "teacher.lr=0.03"],
           "pilot_e10_64px": ["teacher.epochs=10", *NATIVE],
           "pilot_e10_stride1": ["teacher.epochs=10", "teacher.stem_stride=1"]}
