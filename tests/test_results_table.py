@@ -265,7 +265,7 @@ def test_tinyimagenet_runner_steps_and_table(tmp_path, monkeypatch):
     (tiny.records / "teacher_pilot_e10_m0").mkdir(parents=True)
     (tiny.records / "teacher_pilot_e10_m0" / "metrics.csv").write_text("epoch,knn_top1\n0,\n4,3.0\n9,4.5\n")
     doc = tiny.table(steps)
-    assert "| `pilot_e10_m0` | teacher.epochs=10 teacher.margin=0 | 5:3.0 10:4.5 |" in doc
+    assert "| `pilot_e10_m0` | teacher.epochs=10 teacher.moco.margin=0 | 5:3.0 10:4.5 |" in doc
     assert "| `pilot_e10` | teacher.epochs=10 | - |" in doc                  # not run yet
     assert "Lambda chosen on val (seed 0, 1e-4 vs 1e-5): **1e-4** (the default, until both have run)" in doc
     assert "minus supervised (test, seed means): **+11.00 points**" in doc     # 32 - 21
