@@ -32,7 +32,7 @@ _plugins_pending = True
 def plugin_modules() -> list[tuple[str, str]]:
     """(module, where it is declared) of every plug-in module: entry points, then ``$RAYPIPE_PLUGINS``."""
     from importlib.metadata import entry_points
-    found = [(ep.value.split(":")[0].strip(), f"entry point {ep.name!r} of {ep.dist.name if ep.dist else '?'}")
+    found = [(ep.module, f"entry point {ep.name!r} of {ep.dist.name if ep.dist else '?'}")
              for ep in entry_points(group=PLUGINS_GROUP)]
     return found + [(m.strip(), f"${PLUGINS_ENV}") for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
 
